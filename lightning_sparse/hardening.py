@@ -1,0 +1,38 @@
+"""Hardening: turn a reparameterized model back into a plain one with exact zeros."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lightning_sparse.layers import original_weight, sparsity_parametrizations
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+@torch.no_grad()
+def harden(module: ModuleT) -> ModuleT:
+    """Write the effective sparse weights into the plain parameters and drop the reparameterizations.
+
+    In place; returns `module`. Afterwards every layer has its original class, its `weight` is an
+    ordinary parameter (the same object the optimizer held) with exact zeros, STR's shrink and
+    ST-3's rescale are baked in, thresholds and masks are gone, and `state_dict()` keys equal the
+    unmodified model's. A model without lightning-sparse reparameterizations is returned as is.
+
+    Example:
+        >>> from lightning_sparse.methods import STR
+        >>> layer = nn.Linear(3, 3)
+        >>> _ = parametrize.register_parametrization(layer, "weight", STR(s_init=0.0))
+        >>> sorted(harden(layer).state_dict())
+        ['bias', 'weight']
+    """
+    done: set[int] = set()
+    for layer, _ in sparsity_parametrizations(module).values():
+        weight = original_weight(layer)
+        # A tied weight already holds its effective value after the first of its layers.
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=id(weight) not in done)
+        done.add(id(weight))
+    return module

@@ -1,0 +1,59 @@
+"""Global magnitude threshold: the budget distribution of ST-3 (one quantile over all layers)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# Above this many elements, a strided sample brackets the quantile and only the elements inside
+# the bracket are selected exactly: a few cheap passes instead of a full selection, which costs
+# ~0.4 s on 11 M CPU floats (and `torch.quantile` refuses more than 2^24 elements at all).
+_SAMPLE_SIZE = 1 << 16
+
+
+def global_magnitude_threshold(
+    magnitudes: Sequence[Tensor], sparsity: float, scales: Sequence[float] | None = None
+) -> float:
+    """Return `tau` such that a `sparsity` fraction of all `magnitudes[i] * scales[i]` is `<= tau`.
+
+    Exact: pruning every element with `magnitude * scale <= tau` zeroes `round(sparsity * n)`
+    elements (plus exact ties). Returns 0.0 for zero sparsity. Deterministic, and it does not
+    touch the global RNG, so DDP ranks and resumed runs agree.
+
+    Example:
+        >>> global_magnitude_threshold([torch.tensor([3.0, 1.0]), torch.tensor([2.0, 4.0])], 0.5)
+        2.0
+    """
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+    scales = list(scales) if scales is not None else [1.0] * len(magnitudes)
+    total = sum(m.numel() for m in magnitudes)
+    k = round(sparsity * total)
+    if k == 0:
+        return 0.0
+    stride = total // _SAMPLE_SIZE
+    if stride < 2:
+        return _kth_smallest(magnitudes, scales, k)
+
+    sample = torch.cat([m.flatten()[::stride].float() * s for m, s in zip(magnitudes, scales)])
+    m = sample.numel()
+    q = k / total
+    # A 5-sigma binomial margin: the bracket misses the true quantile about once in a million calls,
+    # and then the exact full selection below still gives the right answer.
+    margin = 5.0 * math.sqrt(q * (1.0 - q) / m) + 1.0 / m
+    lo_rank, hi_rank = math.floor((q - margin) * m), math.ceil((q + margin) * m)
+    lo = sample.kthvalue(lo_rank).values.item() if lo_rank >= 1 else -math.inf
+    hi = sample.kthvalue(hi_rank).values.item() if hi_rank <= m else math.inf
+    below = sum(int(torch.count_nonzero(mag < lo / s)) for mag, s in zip(magnitudes, scales))
+    inside = [mag[(mag >= lo / s) & (mag <= hi / s)] for mag, s in zip(magnitudes, scales)]
+    if below < k <= below + sum(x.numel() for x in inside):
+        return _kth_smallest(inside, scales, k - below)
+    return _kth_smallest(magnitudes, scales, k)
+
+
+def _kth_smallest(values: Sequence[Tensor], scales: Sequence[float], k: int) -> float:
+    flat = torch.cat([v.flatten().float() * s for v, s in zip(values, scales)])
+    return flat.kthvalue(k).values.item()
