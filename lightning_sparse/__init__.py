@@ -1,9 +1,23 @@
 """lightning-sparse: STR and ST-3 sparse training as one Lightning callback."""
 
 from lightning_sparse.callback import SparsityCallback
+from lightning_sparse.checkpoint import harden_state_dict, load_hardened
 from lightning_sparse.hardening import harden
 from lightning_sparse.methods import ST3, STR
 from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule
+from lightning_sparse.stats import LayerStats, layer_stats
 
-__all__ = ["ST3", "STR", "ConstantSchedule", "CubicSchedule", "LinearSchedule", "SparsityCallback", "harden"]
+__all__ = [
+    "ST3",
+    "STR",
+    "ConstantSchedule",
+    "CubicSchedule",
+    "LayerStats",
+    "LinearSchedule",
+    "SparsityCallback",
+    "harden",
+    "harden_state_dict",
+    "layer_stats",
+    "load_hardened",
+]
 __version__ = "0.1.0"

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from lightning_sparse.checkpoint import (
+    check_resume,
+    describe_changes,
+    harden_state_dict,
+    read_checkpoint,
+)
 from lightning_sparse.hardening import harden
 from lightning_sparse.layers import (
     LayerFilter,
@@ -19,9 +28,11 @@ from lightning_sparse.layers import (
     parametrize_layers,
     select_layers,
     sparsity_parametrizations,
+    unparametrize_layers,
 )
 from lightning_sparse.methods import ST3, STR, update_st3
 from lightning_sparse.optim import split_param_group
+from lightning_sparse.reporting import SparsityReport
 from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule, Schedule
 
 Method = Literal["st3", "st3sigma", "str"]
@@ -42,6 +53,12 @@ class SparsityCallback(Callback):
     your own optimizer and a resumed run finds the keys it saved. ST-3's global magnitude threshold
     follows its schedule and is recomputed after every optimizer step (not every micro-batch).
 
+    Checkpoints written during `fit` hold the reparameterized weights, masks and thresholds, so
+    `trainer.fit(ckpt_path=...)` resumes exactly; resuming with another method, other layers or
+    another `rescale` is refused before anything is loaded. For inference, load such a checkpoint
+    with `lightning_sparse.load_hardened(YourModule, path)`; `trainer.validate/test/predict(ckpt_path=...)`
+    with this callback hardens it on the way in.
+
     Args:
         method: ``"st3"``, ``"st3sigma"`` (ST-3 with width-normalised magnitudes: more uniform
             per-layer budgets, fewer FLOPs) or ``"str"``.
@@ -60,6 +77,8 @@ class SparsityCallback(Callback):
         exclude: Module-name patterns or module types to leave dense.
         harden_on_fit_end: At the end of `fit`, write the sparse weights into plain parameters and
             remove the reparameterizations (see `harden`).
+        log_every_n_steps: Log sparsity and FLOPs to the trainer's loggers every that many optimizer
+            steps. Default: the trainer's `log_every_n_steps`. See `lightning_sparse.reporting`.
 
     Example:
         >>> callback = SparsityCallback("st3", target_sparsity=0.9)
@@ -81,6 +100,7 @@ class SparsityCallback(Callback):
         include: Sequence[LayerFilter] | None = None,
         exclude: Sequence[LayerFilter] = (),
         harden_on_fit_end: bool = True,
+        log_every_n_steps: int | None = None,
     ) -> None:
         if method not in METHODS:
             raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
@@ -110,14 +130,18 @@ class SparsityCallback(Callback):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude)
         self.harden_on_fit_end = harden_on_fit_end
+        self._report = SparsityReport(log_every_n_steps)
         if method == "str":
             self._check_str_args()
         else:
             self._check_st3_args()
         self._layers: dict[str, tuple[nn.Module, STR | ST3]] = {}
+        self._added: list[nn.Module] = []  # layers this fit reparameterized, to undo if its resume is refused
+        self._restore_hook: RemovableHandle | None = None
         self._schedule: Schedule | None = None
         self._freeze_step: int | None = None
         self._last_step = -1
+        self._threshold: float | None = None  # ST-3's last global threshold, for logging
 
     def _check_str_args(self) -> None:
         if not math.isfinite(self.hparams["s_init"]):
@@ -144,6 +168,9 @@ class SparsityCallback(Callback):
     # ---------------------------------------------------------------- hooks
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Lightning restores a checkpoint's module state right after `setup` and before any callback
+        # state, and `trainer.ckpt_path` is only known from then on: the restore calls this hook first.
+        self._restore_hook = pl_module.register_load_state_dict_pre_hook(partial(self._on_module_restore, trainer))
         if stage != "fit":
             return
         if self.is_st3:
@@ -154,6 +181,7 @@ class SparsityCallback(Callback):
         self._layers = self._reparameterize(pl_module)
 
     def _reparameterize(self, pl_module: pl.LightningModule) -> dict[str, tuple[nn.Module, STR | ST3]]:
+        self._added = []
         existing = sparsity_parametrizations(pl_module)
         layers = select_layers(pl_module, self.include, self.exclude)
         if not layers:
@@ -163,8 +191,7 @@ class SparsityCallback(Callback):
             )
         if existing:
             # A second fit on a model that was not hardened: keep its reparameterization, don't stack one more.
-            kind = STR if self.method == "str" else ST3
-            if set(existing) != set(layers) or not all(isinstance(p, kind) for _, p in existing.values()):
+            if set(existing) != set(layers) or not all(self._is_own(p) for _, p in existing.values()):
                 raise ValueError(
                     f"{type(pl_module).__name__} already carries a different sparsity reparameterization "
                     f"(layers {sorted(existing)}); call `lightning_sparse.harden(model)` before training it "
@@ -175,7 +202,14 @@ class SparsityCallback(Callback):
             parametrize_layers(layers, lambda weight: STR(self.hparams["s_init"]))
         else:
             parametrize_layers(layers, lambda weight: ST3(weight, rescale=self.hparams["rescale"]))
+        self._added = list(layers.values())
         return sparsity_parametrizations(pl_module)
+
+    def _is_own(self, parametrization: nn.Module) -> bool:
+        """Whether this callback would have made `parametrization` (so a second fit can reuse it)."""
+        if self.method == "str":
+            return isinstance(parametrization, STR)
+        return isinstance(parametrization, ST3) and parametrization.rescale == self.hparams["rescale"]
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.method == "str":
@@ -199,6 +233,7 @@ class SparsityCallback(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
+        self._report.on_train_start(trainer)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -209,6 +244,12 @@ class SparsityCallback(Callback):
         self._last_step = step
         if self.is_st3:
             self._update_st3(step)
+        target = self._schedule.sparsity_at(step) if self._schedule is not None else None
+        self._report.on_optimizer_step(trainer, pl_module, batch, self._layers, target, self._threshold)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before `on_fit_end`: the loggers are still open and the model still on its device.
+        self._report.on_train_end(trainer, pl_module, self._layers)
 
     def _update_st3(self, step: int) -> None:
         assert self._schedule is not None
@@ -218,7 +259,7 @@ class SparsityCallback(Callback):
         # Re-read the raw weights at every update: cached references go stale under FSDP.
         layers = [p for _, p in unique.values()]
         weights = [original_weight(module) for module, _ in unique.values()]
-        update_st3(layers, weights, self._schedule.sparsity_at(step), sigma=self.method == "st3sigma")
+        self._threshold = update_st3(layers, weights, self._schedule.sparsity_at(step), sigma=self.method == "st3sigma")
         if self._freeze_step is not None and step >= self._freeze_step:
             for layer, weight in zip(layers, weights):
                 layer.freeze(weight)
@@ -228,8 +269,55 @@ class SparsityCallback(Callback):
             harden(pl_module)
             self._layers = {}
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._remove_restore_hook()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_restore_hook()
+
+    # ---------------------------------------------------------- checkpoints
+
     def state_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "target_sparsity": self.target_sparsity, **self.hparams}
+        # Masks, thresholds and ST-3's frozen flag travel in the module's state (parametrization
+        # buffers) and the schedule position is `trainer.global_step`, so nothing here needs loading
+        # back: these settings are what a resume is checked against, before the module restore.
+        return {
+            "method": self.method,
+            "target_sparsity": self.target_sparsity,
+            **self.hparams,
+            "layers": sorted(self._layers),
+        }
+
+    def _on_module_restore(self, trainer: pl.Trainer, module: nn.Module, state_dict: dict[str, Any], *_: Any) -> None:
+        """`load_state_dict` pre-hook on the LightningModule, run once: Lightning's restore of a checkpoint."""
+        self._remove_restore_hook()
+        if trainer.state.fn != TrainerFn.FITTING:
+            # `trainer.test(ckpt_path="best")` after a fit that hardened the model: harden what comes in too.
+            if not sparsity_parametrizations(module):
+                hardened = harden_state_dict(state_dict)
+                state_dict.clear()
+                state_dict.update(hardened)
+            return
+        if trainer.ckpt_path is None:
+            return
+        # Lightning has just unpickled this same file to restore it, so reading it again runs nothing new.
+        saved = read_checkpoint(trainer.ckpt_path, weights_only=False).get("callbacks", {}).get(self.state_key)
+        try:
+            changes = check_resume(saved, self.state_dict())
+        except ValueError as error:
+            unparametrize_layers(self._added)  # give the model back as it came
+            self._layers, self._added = {}, []
+            raise ValueError(f"Cannot resume from {trainer.ckpt_path} (nothing was loaded): {error}") from None
+        if changes:
+            rank_zero_warn(
+                "Resuming with SparsityCallback settings that differ from the checkpoint's; training goes on "
+                f"from the checkpoint's step with the new ones:\n{describe_changes(changes)}"
+            )
+
+    def _remove_restore_hook(self) -> None:
+        if self._restore_hook is not None:
+            self._restore_hook.remove()
+            self._restore_hook = None
 
 
 def _check_step_or_fraction(name: str, value: StepOrFraction | None) -> None:

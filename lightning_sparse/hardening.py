@@ -35,4 +35,7 @@ def harden(module: ModuleT) -> ModuleT:
         # A tied weight already holds its effective value after the first of its layers.
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=id(weight) not in done)
         done.add(id(weight))
+        # Removal re-registers `weight` last; torch's layers register it first, so put it back there
+        # and `state_dict()` lists the keys in the unmodified model's order.
+        layer._parameters = {"weight": layer._parameters.pop("weight"), **layer._parameters}
     return module

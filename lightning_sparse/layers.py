@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_sparse.methods import ST3, STR
 
-LayerFilter = str | type[nn.Module]
+# The type comes first: jsonargparse (LightningCLI) tries a union's members in order, so a YAML
+# entry `torch.nn.Conv1d` becomes the class and any other string stays a name pattern.
+LayerFilter = type[nn.Module] | str
 """A module-name pattern (`fnmatch` style, e.g. `"encoder.*"`) or a module type."""
 
 SPARSIFIABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -118,6 +120,22 @@ def parametrize_layers(layers: Mapping[str, nn.Module], make: Callable[[Tensor],
             parametrize.register_parametrization(module, "weight", shared[id(weight)])
             done.append(module)
     except Exception:
-        for module in done:
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        unparametrize_layers(done)
         raise
+
+
+def unparametrize_layers(layers: Iterable[nn.Module]) -> None:
+    """Undo `parametrize_layers`: each layer gets back its raw weight Parameter, values untouched.
+
+    Unlike `harden`, nothing of the reparameterization is baked in: for giving a model back as it came.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> weight = net[0].weight
+        >>> parametrize_layers(select_layers(net), lambda w: STR(s_init=0.0))
+        >>> unparametrize_layers([net[0]])
+        >>> net[0].weight is weight, sparsity_parametrizations(net)
+        (True, {})
+    """
+    for module in layers:
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)

@@ -95,7 +95,7 @@ def sigma_scale(weight: Tensor) -> float:
     """ST-3σ's width normalisation: magnitudes are compared as `|w| * sqrt(sum(weight.shape))`.
 
     Example:
-        >>> sigma_scale(torch.zeros(16, 8, 3, 3))
+        >>> sigma_scale(torch.zeros(16, 8, 6, 6))
         6.0
     """
     return math.sqrt(sum(weight.shape))

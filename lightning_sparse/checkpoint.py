@@ -1,0 +1,189 @@
+"""Checkpoints of sparse runs: hardening their saved state for inference, and checking a resume.
+
+A checkpoint written during sparse training holds the model under its reparameterization: each
+sparsified layer's raw weight as `<layer>.parametrizations.weight.original`, next to the method's
+state (`...weight.0.s` for STR; `...weight.0.threshold/mask/scale` for ST-3). That is what an exact
+resume needs, but the unmodified model expects `<layer>.weight`. `harden_state_dict` converts one
+into the other, and `load_hardened` is `load_from_checkpoint` for such a checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import lightning.pytorch as pl
+import torch
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
+from torch import Tensor
+
+from lightning_sparse.methods import ST3, STR
+
+LightningModuleT = TypeVar("LightningModuleT", bound=pl.LightningModule)
+
+REPARAMETERIZATION_SETTINGS = frozenset({"method", "layers", "rescale"})
+"""SparsityCallback settings that change what a checkpoint's tensors mean: a resume must keep them."""
+
+_REPARAMETERIZED_KEY = re.compile(r"(?P<layer>(?:.+\.)?)parametrizations\.weight\.(?P<entry>original|0\..+)")
+
+
+@torch.no_grad()
+def harden_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """The state dict of the hardened model, from one saved under lightning-sparse reparameterizations.
+
+    Every STR or ST-3 `<layer>.parametrizations.weight.*` group becomes `<layer>.weight`, holding
+    the effective sparse weight (exact zeros; STR's shrink, ST-3's rescale or frozen mask applied),
+    computed by the method's own module in the saved dtypes. Everything else, other
+    parametrizations included, passes through unchanged, in order. The result loads with strict
+    keys into the unmodified model.
+
+    Example:
+        >>> from torch import nn
+        >>> from torch.nn.utils import parametrize
+        >>> layer = nn.Linear(4, 2)
+        >>> _ = parametrize.register_parametrization(layer, "weight", STR(s_init=0.0))
+        >>> plain = nn.Linear(4, 2)
+        >>> plain.load_state_dict(harden_state_dict(layer.state_dict()))
+        <All keys matched successfully>
+        >>> torch.equal(plain.weight, layer.weight)
+        True
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in state_dict.items():
+        if match := _REPARAMETERIZED_KEY.fullmatch(key):
+            groups.setdefault(match["layer"], {})[match["entry"]] = value
+    effective = {layer: _effective_weight(entries) for layer, entries in groups.items()}
+    hardened: dict[str, Any] = OrderedDict()
+    for key, value in state_dict.items():
+        match = _REPARAMETERIZED_KEY.fullmatch(key)
+        # Each layer's weight goes before its first other entry, where `harden` puts it too.
+        layer = match["layer"] if match else key[: key.rfind(".") + 1]
+        if effective.get(layer) is not None and f"{layer}weight" not in hardened:
+            hardened[f"{layer}weight"] = effective[layer]
+        if match is None or effective[match["layer"]] is None:
+            hardened[key] = value
+    if hasattr(state_dict, "_metadata"):
+        hardened._metadata = state_dict._metadata  # type: ignore[attr-defined]  # module versions, for loading
+    return hardened
+
+
+def _effective_weight(entries: dict[str, Any]) -> Tensor | None:
+    """The effective weight of one layer's saved STR or ST-3 reparameterization; None for any other."""
+    original = entries["original"]
+    state = {name.removeprefix("0."): value for name, value in entries.items() if name != "original"}
+    for candidate in (STR(s_init=0.0), ST3(original)):
+        if candidate.state_dict().keys() == state.keys():
+            # `assign`: keep the saved dtypes (bf16 thresholds after `bf16-true`), to compute as training did.
+            candidate.load_state_dict(state, assign=True)
+            return candidate(original)
+    return None
+
+
+def read_checkpoint(path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+    """Load a checkpoint on the CPU; a local file is memory-mapped, so tensors not used are not read.
+
+    Remote paths (``s3://``, ``gs://``, ... anything fsspec opens) are read in full.
+
+    Example:
+        >>> read_checkpoint("checkpoints/last.ckpt")["callbacks"]["SparsityCallback"]  # doctest: +SKIP
+        {'method': 'st3', 'target_sparsity': 0.9, 'start': 0.05, ..., 'layers': ['conv1', 'fc']}
+    """
+    fs, fs_path = url_to_fs(str(path))
+    if isinstance(fs, LocalFileSystem):
+        return torch.load(fs_path, map_location="cpu", mmap=True, weights_only=weights_only)
+    with fs.open(fs_path, "rb") as file:
+        return torch.load(file, map_location="cpu", weights_only=weights_only)
+
+
+def load_hardened(
+    module_class: type[LightningModuleT],
+    checkpoint_path: _PATH,
+    map_location: _MAP_LOCATION_TYPE = None,
+    weights_only: bool | None = None,
+    **kwargs: Any,
+) -> LightningModuleT:
+    """`module_class.load_from_checkpoint(checkpoint_path, ...)` for a checkpoint saved during sparse training.
+
+    Returns a plain `module_class` (no reparameterization, exact zeros in its sparse weights), as
+    `harden` would have left it at the end of `fit`. Hyperparameters, `map_location`, `strict`,
+    `hparams_file` and `__init__` overrides in `kwargs` work as in `load_from_checkpoint`.
+    A checkpoint of a hardened or dense model loads unchanged.
+
+    Example:
+        >>> model = load_hardened(MyModule, "checkpoints/last.ckpt")  # doctest: +SKIP
+    """
+    checkpoint = read_checkpoint(checkpoint_path, weights_only=weights_only)
+    checkpoint["state_dict"] = harden_state_dict(checkpoint["state_dict"])
+    # `load_from_checkpoint` reads a file, so hand it the hardened checkpoint as one: it then does
+    # everything it does for a dense checkpoint (hyperparameters, hooks, migration, map_location).
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return module_class.load_from_checkpoint(buffer, map_location=map_location, weights_only=weights_only, **kwargs)
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The entries of `current` that differ in `saved`, as ``{name: (saved value, current value)}``.
+
+    Example:
+        >>> changed_settings({"method": "st3", "rescale": True}, {"method": "str", "rescale": True})
+        {'method': ('st3', 'str')}
+    """
+    return {name: (saved.get(name), value) for name, value in current.items() if saved.get(name) != value}
+
+
+def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
+    """One line per changed setting; lists of layer names are shown as what is on only one side.
+
+    Example:
+        >>> print(describe_changes({"layers": (["conv", "fc"], ["fc"])}))
+        - layers: only in the checkpoint: ['conv']
+    """
+    lines = []
+    for name, (saved, current) in changes.items():
+        if isinstance(saved, list) and isinstance(current, list):
+            sides = [("only in the checkpoint", saved, current), ("only here", current, saved)]
+            parts = [f"{side}: {sorted(set(a) - set(b))}" for side, a, b in sides if set(a) - set(b)]
+            lines.append(f"- {name}: {'; '.join(parts)}")
+        else:
+            lines.append(f"- {name}: {saved!r} in the checkpoint, {current!r} here")
+    return "\n".join(lines)
+
+
+def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Refuse to resume a checkpoint whose SparsityCallback state `saved` does not fit `current`.
+
+    Raises a `ValueError` saying what differs when the checkpoint has no such state (a dense run)
+    or differs in a `REPARAMETERIZATION_SETTINGS`. Returns the other changed settings (target,
+    schedule, ...), which a resume may change.
+
+    Example:
+        >>> check_resume({"method": "st3", "end": 0.5}, {"method": "st3", "end": 0.8})
+        {'end': (0.5, 0.8)}
+        >>> check_resume({"method": "st3"}, {"method": "str"})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: it was saved under a different sparsity reparameterization:
+        - method: 'st3' in the checkpoint, 'str' here
+        Resume with the checkpoint's settings, or start a new sparse run from its weights: ...
+    """
+    if saved is None:
+        raise ValueError(
+            "it holds no SparsityCallback state, so it was not saved during sparse training. To start sparse "
+            "training from its weights, load them with `YourModule.load_from_checkpoint(path)`, then call "
+            "`trainer.fit(model)` without `ckpt_path`"
+        )
+    changes = changed_settings(saved, current)
+    conflicts = {name: change for name, change in changes.items() if name in REPARAMETERIZATION_SETTINGS}
+    if conflicts:
+        raise ValueError(
+            f"it was saved under a different sparsity reparameterization:\n{describe_changes(conflicts)}\n"
+            "Resume with the checkpoint's settings, or start a new sparse run from its weights: load them with "
+            "`lightning_sparse.load_hardened(YourModule, path)`, then call `trainer.fit(model)` without `ckpt_path`"
+        )
+    return {name: change for name, change in changes.items() if name not in conflicts}

@@ -1,0 +1,253 @@
+"""Sparsity and FLOPs logging through Lightning's loggers, and the per-layer budget report at fit end.
+
+The only module besides the callback that knows about Lightning, and the only one that touches
+W&B (imported lazily: wandb stays optional), rich and matplotlib. The numbers come from `stats`.
+
+Logged keys, grouped so a W&B workspace puts each family in its own section:
+
+- ``sparsity/global``: fraction of zeros over all sparsified weights; ST-3 adds ``sparsity/target``
+  (the schedule's value) and ``sparsity/threshold`` (the global magnitude threshold).
+- ``layer_sparsity/<module name>``: each sparsified layer's fraction of zeros.
+- ``flops/dense``, ``flops/sparse`` (multiply-accumulates per sample) and ``flops/sparse_over_dense``.
+- ``threshold/<module name>``: STR's per-layer threshold ``sigmoid(s)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities import move_data_to_device
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from lightning_sparse.methods import ST3, STR
+from lightning_sparse.stats import LayerStats, dense_flops, sparse_stats
+
+STEP_KEY = "trainer/global_step"
+"""The x-axis WandbLogger writes with every row; our keys are plotted against it."""
+KEY_PREFIXES = ("sparsity", "layer_sparsity", "flops", "threshold")
+PLOT_FILE = "sparsity_budget.png"
+TABLE_COLUMNS = ["layer", "shape", "params", "nonzeros", "density", "dense_flops", "sparse_flops"]
+
+Layers = Mapping[str, tuple[nn.Module, STR | ST3]]
+
+
+class SparsityReport:
+    """What `SparsityCallback` logs every `every_n_steps` optimizer steps and reports at fit end.
+
+    Dense FLOPs are measured once, on the first optimizer step, from `example_input_array` or else
+    from the first element of the training batch; each log then only counts non-zeros (keep masks),
+    never the effective weights. At the end of training, rank zero prints a per-layer table, saves
+    `sparsity_budget.png` (per-layer budget and global sparsity over steps) in the trainer's log dir
+    and, for each `WandbLogger`, logs the budget as a table with a bar chart of density per layer.
+
+    Args:
+        every_n_steps: Log every that many optimizer steps. Default: the trainer's `log_every_n_steps`.
+
+    Example:
+        >>> report = SparsityReport(every_n_steps=10)
+        >>> SparsityReport(every_n_steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `log_every_n_steps` must be a positive int or None, got 0
+    """
+
+    def __init__(self, every_n_steps: int | None = None) -> None:
+        valid = isinstance(every_n_steps, int) and not isinstance(every_n_steps, bool) and every_n_steps >= 1
+        if every_n_steps is not None and not valid:
+            raise ValueError(f"`log_every_n_steps` must be a positive int or None, got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self._dense: dict[str, int] | None = None
+        self._history: list[tuple[int, float, float | None]] = []  # step, global sparsity, target
+
+    def on_train_start(self, trainer: pl.Trainer) -> None:
+        """Plot our keys against the trainer's step in W&B, also in a run Lightning did not create."""
+        # Measured afresh for each fit: it may run another model or other input shapes.
+        self._dense = None
+        self._history = []
+        if not trainer.is_global_zero:
+            return
+        for logger in _wandb_loggers(trainer):
+            run = logger.experiment
+            run.define_metric(STEP_KEY)
+            for prefix in KEY_PREFIXES:
+                run.define_metric(f"{prefix}/*", step_metric=STEP_KEY)
+
+    def on_optimizer_step(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        layers: Layers,
+        target: float | None = None,
+        threshold: float | None = None,
+    ) -> None:
+        """After each optimizer step: measure dense FLOPs the first time, log when due.
+
+        `target` and `threshold` are ST-3's scheduled sparsity and global threshold (None for STR).
+        """
+        if self._dense is None:
+            # Every rank runs the forward: a sharded model needs all of them in it.
+            self._dense = _measure_dense_flops(trainer, pl_module, batch)
+        every = self.every_n_steps or trainer.log_every_n_steps
+        if trainer.global_step % every or not trainer.is_global_zero:
+            return
+        metrics = _metrics(sparse_stats(pl_module, self._dense), layers)
+        for key, value in (("sparsity/target", target), ("sparsity/threshold", threshold)):
+            if value is not None:
+                metrics[key] = value
+        self._history.append((trainer.global_step, metrics["sparsity/global"], target))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: Layers) -> None:
+        """Print the per-layer table, save the PNG and log the W&B budget table (rank zero)."""
+        log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        if not trainer.is_global_zero:
+            return
+        stats = sparse_stats(pl_module, self._dense or {})
+        _print_table(stats, set(layers))
+        if log_dir is not None:
+            _save_plot(stats, set(layers), self._history, os.path.join(log_dir, PLOT_FILE))
+        for logger in _wandb_loggers(trainer):
+            _log_wandb_budget(logger, stats, trainer.global_step)
+
+
+def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def _measure_dense_flops(trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> dict[str, int]:
+    example = pl_module.example_input_array
+    source = "`example_input_array`"
+    if example is None:
+        # Lightning's convention: in an `(input, target)` batch, the input is what `forward` takes.
+        example = batch[0] if isinstance(batch, (tuple, list)) else batch
+        source = "the first element of the training batch"
+    precision = trainer.precision_plugin
+    try:
+        with precision.forward_context():
+            return dense_flops(pl_module, precision.convert_input(move_data_to_device(example, pl_module.device)))
+    except Exception as error:  # a FLOPs figure is not worth stopping a training run for
+        rank_zero_warn(
+            f"lightning-sparse could not measure FLOPs by calling the model on {source} "
+            f"({type(error).__name__}: {error}). Set `example_input_array` on your LightningModule to what "
+            "`forward` takes; sparsity is logged regardless, FLOPs are not."
+        )
+        return {}
+
+
+def _metrics(stats: Sequence[LayerStats], layers: Layers) -> dict[str, float]:
+    sparsified = [s for s in stats if s.name in layers]
+    params = sum(s.params for s in sparsified)
+    metrics = {"sparsity/global": 1.0 - sum(s.nonzeros for s in sparsified) / params}
+    metrics.update({f"layer_sparsity/{s.name}": s.sparsity for s in sparsified})
+    dense = sum(s.dense_flops for s in stats)
+    if dense:
+        sparse = sum(s.sparse_flops for s in stats)
+        metrics.update(
+            {"flops/dense": float(dense), "flops/sparse": float(sparse), "flops/sparse_over_dense": sparse / dense}
+        )
+    str_layers = {name: p for name, (_, p) in layers.items() if isinstance(p, STR)}
+    if str_layers:
+        thresholds = torch.stack([p.threshold().detach() for p in str_layers.values()]).tolist()
+        metrics.update({f"threshold/{name}": t for name, t in zip(str_layers, thresholds)})
+    return metrics
+
+
+def _table_rows(stats: Sequence[LayerStats]) -> list[list[Any]]:
+    return [
+        [s.name or "(root)", "x".join(map(str, s.shape)), s.params, s.nonzeros, s.density, s.dense_flops, s.sparse_flops]
+        for s in stats
+    ]
+
+
+def _log_wandb_budget(logger: WandbLogger, stats: Sequence[LayerStats], step: int) -> None:
+    import wandb
+
+    table = wandb.Table(columns=TABLE_COLUMNS, data=_table_rows(stats))
+    chart = wandb.plot.bar(table, "layer", "density", title="Density per layer")
+    logger.log_metrics({"sparsity/budget": table, "sparsity/budget_chart": chart}, step=step)
+
+
+def _print_table(stats: Sequence[LayerStats], sparsified: set[str]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        rank_zero_warn("Install `rich` to see lightning-sparse's per-layer budget table at the end of training.")
+        return
+    table = Table(title="lightning-sparse: per-layer budget (FLOPs = multiply-accumulates per sample)")
+    if any(s.name not in sparsified for s in stats):
+        table.caption = "* not sparsified"
+    table.add_column("Layer")
+    table.add_column("Shape")
+    for column in ("Params", "Non-zeros", "Sparsity", "Dense FLOPs", "Sparse FLOPs"):
+        table.add_column(column, justify="right")
+    for s, (name, shape, params, nonzeros, density, dense, sparse) in zip(stats, _table_rows(stats)):
+        marker = "" if s.name in sparsified else " *"
+        table.add_row(
+            name + marker, shape, f"{params:,}", f"{nonzeros:,}", f"{1 - density:.2%}", f"{dense:,}", f"{sparse:,}"
+        )
+    params, nonzeros = sum(s.params for s in stats), sum(s.nonzeros for s in stats)
+    dense, sparse = sum(s.dense_flops for s in stats), sum(s.sparse_flops for s in stats)
+    sparsity = 1 - nonzeros / max(params, 1)
+    table.add_row(
+        "Total", "", f"{params:,}", f"{nonzeros:,}", f"{sparsity:.2%}", f"{dense:,}", f"{sparse:,}", style="bold"
+    )
+    console = Console()
+    if not console.is_terminal:
+        # A log file has no width limit, and rich's 80-column default would cut the layer names.
+        console.width = console.measure(table, options=console.options.update_width(10_000)).maximum
+    console.print(table)
+
+
+def _save_plot(
+    stats: Sequence[LayerStats], sparsified: set[str], history: Sequence[tuple[int, float, float | None]], path: str
+) -> None:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        rank_zero_warn(f"Install `matplotlib` to get lightning-sparse's budget plot ({path}) at the end of training.")
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    # The figure grows with the number of layers so every name stays readable.
+    figure = Figure(figsize=(13, max(4.0, 0.22 * len(stats) + 1.5)), layout="constrained")
+    budget, curve = figure.subplots(1, 2, width_ratios=(3, 2))
+    names = [s.name or "(root)" for s in stats]
+    colors = ["tab:blue" if s.name in sparsified else "tab:gray" for s in stats]
+    bars = budget.barh(names, [100 * s.sparsity for s in stats], color=colors)
+    labels = [f"{s.nonzeros:,}/{s.params:,} weights, {_short(s.sparse_flops)} FLOPs" for s in stats]
+    budget.bar_label(bars, labels, fontsize=7, padding=2)
+    budget.invert_yaxis()  # input layer on top
+    budget.set_xlim(0, 135)  # room for the labels of fully pruned layers
+    budget.set_xticks(range(0, 101, 20))
+    budget.set_xlabel("sparsity (%)   [gray: not sparsified; FLOPs: multiply-accumulates per sample]")
+    budget.tick_params(axis="y", labelsize=7)
+    dense, sparse = sum(s.dense_flops for s in stats), sum(s.sparse_flops for s in stats)
+    flops = f": {_short(sparse)} of {_short(dense)} dense FLOPs ({sparse / dense:.1%})" if dense else ""
+    budget.set_title(f"Per-layer budget{flops}", fontsize=10)
+    steps = [step for step, _, _ in history]
+    curve.plot(steps, [100 * sparsity for _, sparsity, _ in history], marker=".", label="global sparsity")
+    if any(target is not None for _, _, target in history):
+        curve.plot(steps, [100 * target for _, _, target in history], "--", label="target (ST-3 schedule)")
+    curve.set_xlabel("optimizer step")
+    curve.set_ylabel("sparsity of sparsified weights (%)")
+    curve.set_ylim(0, 100)
+    curve.grid(alpha=0.3)
+    curve.legend(loc="lower right")
+    curve.set_title("Global sparsity", fontsize=10)
+    figure.savefig(path, dpi=120)
+
+
+def _short(count: float) -> str:
+    """`4089184256` -> `4.09G`: counts readable at a glance in the plot."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    return f"{count:.0f}"

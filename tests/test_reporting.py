@@ -1,0 +1,225 @@
+"""Sparsity and FLOPs logging: real Trainer fits, an offline W&B run read back from its file, CSV, no logger."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import wandb
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_sparse import SparsityCallback
+from lightning_sparse.reporting import PLOT_FILE
+from wandb_offline import history, read_records, run_file
+
+LAYERS = ("net.0", "net.3")
+DENSE_MACS = 8 * 1 * 3 * 16 + 8 * 16 * 4  # Conv1d: weights x 16 outputs; Linear: in x out
+
+
+class TinyNet(pl.LightningModule):
+    def __init__(self, example_input: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
+        if example_input:
+            self.example_input_array = torch.zeros(1, 1, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _data() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 16, generator=generator), torch.randint(0, 4, (64,), generator=generator))
+    return DataLoader(data, batch_size=16)  # 4 steps an epoch
+
+
+def _fit(
+    tmp_path: Path,
+    callback: SparsityCallback,
+    model: TinyNet,
+    steps: int,
+    logger: pl.loggers.Logger | bool,
+    checkpoints: ModelCheckpoint | None = None,
+    ckpt_path: str | None = None,
+) -> None:
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=logger,
+        callbacks=[callback] + ([checkpoints] if checkpoints else []),
+        enable_checkpointing=checkpoints is not None,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    try:
+        trainer.fit(model, _data(), ckpt_path=ckpt_path)
+    finally:
+        # `finish` returns before wandb-core has written the whole run file; `teardown` waits for it.
+        wandb.finish()
+        wandb.teardown()
+
+
+def _checkpoints(directory: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(dirpath=directory, every_n_train_steps=2, save_last=True)
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
+    # WandbLogger(offline=True) sets WANDB_MODE in os.environ; monkeypatch puts it back afterwards.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_wandb_offline_run_holds_sparsity_layer_and_flops_series_and_the_budget(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    callback = SparsityCallback("st3", target_sparsity=0.8, start=0, end=6)
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lightning-sparse-test")
+    # No example_input_array: FLOPs are measured on the first element of the first batch.
+    _fit(tmp_path, callback, TinyNet(), steps=8, logger=logger)
+    records = read_records(run_file(str(tmp_path)))
+    rows = history(records)
+
+    series = [row for row in rows if "sparsity/global" in row]
+    assert [row["trainer/global_step"] for row in series] == list(range(1, 9))
+    sparsity = [row["sparsity/global"] for row in series]
+    assert sparsity == sorted(sparsity) and sparsity[0] < 0.5
+    assert sparsity[-1] == pytest.approx(0.8, abs=0.01)
+    assert series[-1]["sparsity/target"] == pytest.approx(0.8)
+    assert all(row["sparsity/threshold"] > 0 for row in series)
+    for name in LAYERS:
+        assert all(0 <= row[f"layer_sparsity/{name}"] <= 1 for row in series)
+    assert {row["flops/dense"] for row in series} == {DENSE_MACS}
+    assert series[-1]["flops/sparse"] < 0.5 * DENSE_MACS
+    assert series[-1]["flops/sparse_over_dense"] == pytest.approx(series[-1]["flops/sparse"] / DENSE_MACS)
+
+    (budget_row,) = [row for row in rows if "sparsity/budget" in row]
+    assert budget_row["trainer/global_step"] == 8
+    assert budget_row["sparsity/budget"]["_type"] == "table-file"
+    table_path = os.path.join(os.path.dirname(run_file(str(tmp_path))), "files", budget_row["sparsity/budget"]["path"])
+    with open(table_path) as f:
+        table = json.load(f)
+    assert table["columns"][:2] == ["layer", "shape"]
+    assert [row[0] for row in table["data"]] == list(LAYERS)
+    assert sum(row[table["columns"].index("dense_flops")] for row in table["data"]) == DENSE_MACS
+    (config,) = [r.config for r in records if r.WhichOneof("record_type") == "config"]
+    visualize = {"/".join(item.nested_key): json.loads(item.value_json) for item in config.update}
+    assert visualize["_wandb/visualize/sparsity/budget_chart"]["panel_config"]["panelDefId"] == "wandb/bar/v0"
+
+    step_axes = {r.metric.glob_name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
+    assert step_axes["sparsity/*"] == step_axes["layer_sparsity/*"] == step_axes["flops/*"] == "trainer/global_step"
+
+    assert (tmp_path / PLOT_FILE).stat().st_size > 0
+    assert "per-layer budget" in capsys.readouterr().out
+
+
+def test_str_thresholds_and_the_step_axis_continue_after_a_resume(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    first = WandbLogger(offline=True, save_dir=str(tmp_path / "first"), project="lightning-sparse-test")
+    callback = SparsityCallback("str", s_init=-3.0, threshold_decay=1.0)
+    _fit(tmp_path, callback, TinyNet(example_input=True), 4, first, checkpoints=_checkpoints(tmp_path / "ckpt"))
+    run_id = first.version
+
+    resumed = WandbLogger(offline=True, save_dir=str(tmp_path / "resumed"), id=run_id, project="lightning-sparse-test")
+    callback = SparsityCallback("str", s_init=-3.0, threshold_decay=1.0)
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    model = TinyNet(example_input=True)
+    _fit(tmp_path, callback, model, 8, resumed, checkpoints=_checkpoints(tmp_path / "ckpt2"), ckpt_path=last)
+
+    records = read_records(run_file(str(tmp_path / "resumed")))
+    series = [row for row in history(records) if "sparsity/global" in row]
+    assert [row["trainer/global_step"] for row in series] == [5, 6, 7, 8]
+    for name in LAYERS:
+        thresholds = [row[f"threshold/{name}"] for row in series]
+        assert all(0 < t < 1 for t in thresholds) and thresholds == sorted(thresholds)  # decay pushes s up
+    step_axes = {r.metric.glob_name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
+    assert step_axes["threshold/*"] == step_axes["sparsity/*"] == "trainer/global_step"
+
+
+def test_csv_logger_gets_the_series_every_n_steps(tmp_path: Path) -> None:
+    callback = SparsityCallback("st3sigma", target_sparsity=0.5, start=0, end=4, log_every_n_steps=3)
+    logger = CSVLogger(tmp_path)
+    _fit(tmp_path, callback, TinyNet(example_input=True), 7, logger=logger)
+
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [row for row in csv.DictReader(f) if row["sparsity/global"]]
+    assert [int(row["step"]) for row in rows] == [3, 6]
+    assert float(rows[-1]["sparsity/global"]) == pytest.approx(0.5, abs=0.01)
+    assert {f"layer_sparsity/{name}" for name in LAYERS} <= set(rows[0])
+    assert float(rows[0]["flops/dense"]) == DENSE_MACS
+    assert os.path.getsize(os.path.join(logger.log_dir, PLOT_FILE)) > 0
+
+
+def test_without_a_logger_the_table_and_plot_still_appear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    callback = SparsityCallback("st3", target_sparsity=0.5, start=0, end=2)
+    _fit(tmp_path, callback, TinyNet(), 3, logger=False)
+
+    assert (tmp_path / PLOT_FILE).stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "per-layer budget" in out and "net.3" in out
+
+
+@pytest.mark.parametrize("every", [0, -1, 2.5, True])
+def test_log_every_n_steps_is_checked_at_construction(every: object) -> None:
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        SparsityCallback("st3", target_sparsity=0.5, log_every_n_steps=every)
+
+
+WITHOUT_WANDB = """
+import sys
+sys.modules["wandb"] = None  # as if not installed: `import wandb` raises ImportError
+import lightning.pytorch as pl, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from lightning_sparse import SparsityCallback
+
+class Net(pl.LightningModule):  # no `forward`
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+data = DataLoader(TensorDataset(torch.randn(16, 1, 16), torch.randint(0, 4, (16,))), batch_size=4)
+for logger in (False, pl.loggers.CSVLogger(sys.argv[1])):
+    callback = SparsityCallback("st3", target_sparsity=0.5, start=0, end=2, log_every_n_steps=1)
+    trainer = pl.Trainer(max_steps=3, logger=logger, callbacks=[callback], default_root_dir=sys.argv[1],
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(Net(), data)
+print("fit done")
+"""
+
+
+def test_works_without_wandb_installed(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_WANDB, str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fit done" in result.stdout and "per-layer budget" in result.stdout
+    assert len(list(tmp_path.rglob(PLOT_FILE))) == 2
+    # `Net` has no `forward` to measure FLOPs with: a warning, and sparsity is logged regardless.
+    assert "could not measure FLOPs" in result.stderr
+    (metrics,) = tmp_path.glob("lightning_logs/*/metrics.csv")
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert "sparsity/global" in header and "flops/dense" not in header
