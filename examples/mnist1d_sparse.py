@@ -70,7 +70,7 @@ class Mnist1dCNN(pl.LightningModule):
 class Mnist1dData(pl.LightningDataModule):
     """MNIST-1D from `mnist1d.data.make_dataset()`: generated on the fly, never downloaded."""
 
-    def __init__(self, batch_size: int = 128, seed: int = 42) -> None:
+    def __init__(self, batch_size: int = 128, seed: int = 42) -> None:  # 42: the standard MNIST-1D draw
         super().__init__()
         self.batch_size = batch_size
         self.seed = seed
@@ -97,15 +97,18 @@ class Mnist1dData(pl.LightningDataModule):
     test_dataloader = val_dataloader
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sparsity_args(parser, s_init=-5.0, threshold_decay=5e-3)
+    add_sparsity_args(parser, s_init=-5.0, threshold_decay=2e-2)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default="runs")
     parser.add_argument("--no-wandb", action="store_true", help="log to CSV instead of offline W&B")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def run(args: argparse.Namespace) -> tuple[Mnist1dCNN, float]:
+    """Train and test as `args` say; returns the (hardened) model and its test accuracy."""
     pl.seed_everything(args.seed)
     os.environ.setdefault("WANDB_MODE", "offline")
     if args.no_wandb:
@@ -117,6 +120,7 @@ def main() -> None:
         log_every_n_steps=10,
         logger=logger,
         callbacks=make_callback(args),
+        default_root_dir=args.out_dir,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -125,8 +129,9 @@ def main() -> None:
     data = Mnist1dData()
     trainer.fit(model, data)
     (result,) = trainer.test(model, data, verbose=False)
-    print(f"test accuracy: {result['test/acc']:.4f}")
+    return model, result["test/acc"]
 
 
 if __name__ == "__main__":
-    main()
+    _, accuracy = run(parse_args())
+    print(f"test accuracy: {accuracy:.4f}")
