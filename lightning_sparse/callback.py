@@ -242,24 +242,24 @@ class SparsityCallback(Callback):
         if step == self._last_step:  # a micro-batch of gradient accumulation: no optimizer step yet
             return
         self._last_step = step
-        if self.is_st3:
-            self._update_st3(step)
-        target = self._schedule.sparsity_at(step) if self._schedule is not None else None
+        target = None
+        if self._schedule is not None:
+            target = self._schedule.sparsity_at(step)
+            self._update_st3(step, target)
         self._report.on_optimizer_step(trainer, pl_module, batch, self._layers, target, self._threshold)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before `on_fit_end`: the loggers are still open and the model still on its device.
         self._report.on_train_end(trainer, pl_module, self._layers)
 
-    def _update_st3(self, step: int) -> None:
-        assert self._schedule is not None
+    def _update_st3(self, step: int, sparsity: float) -> None:
         unique = {id(p): (module, p) for module, p in self._layers.values()}
         if any(p.frozen for _, p in unique.values()):
             return
         # Re-read the raw weights at every update: cached references go stale under FSDP.
         layers = [p for _, p in unique.values()]
         weights = [original_weight(module) for module, _ in unique.values()]
-        self._threshold = update_st3(layers, weights, self._schedule.sparsity_at(step), sigma=self.method == "st3sigma")
+        self._threshold = update_st3(layers, weights, sparsity, sigma=self.method == "st3sigma")
         if self._freeze_step is not None and step >= self._freeze_step:
             for layer, weight in zip(layers, weights):
                 layer.freeze(weight)
