@@ -112,7 +112,14 @@ def test_precision_keeps_dtypes_and_reaches_the_target(
     expected |= {"threshold": {weights}, "scale": {weights}} if method == "st3" else {"s": {weights}}
     assert spy.seen == expected
     if method == "st3":
-        assert zeros(model) == round(0.75 * N_WEIGHTS)
+        layers = (model.conv, model.fc)
+        raw = [layer.parametrizations.weight.original.detach() for layer in layers]
+        magnitudes = torch.cat([weight.abs().float().flatten() for weight in raw])
+        tau = model.conv.parametrizations.weight[0].threshold.float()
+        at_or_below, ties = int((magnitudes <= tau).sum()), int((magnitudes == tau).sum())
+        assert zeros(model) == at_or_below  # exactly the weights at or under the threshold are zero
+        # The target, up to exact ties at the threshold (frequent with bf16's 8-bit mantissa).
+        assert at_or_below - ties < round(0.75 * N_WEIGHTS) <= at_or_below
     else:
         assert zeros(model) > 0
 
