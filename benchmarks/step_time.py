@@ -297,17 +297,28 @@ def op_seconds(name: str, steps: int) -> dict[str, float]:
     return {event.key: event.self_cpu_time_total / 1e6 / steps for event in profiled.profiler.key_averages()}
 
 
-def op_differences(names: Sequence[str], steps: int, top: int) -> list[dict[str, Any]]:
-    """For each variant, the `top` ops whose self CPU time per step grew most over dense's."""
-    dense = op_seconds("dense", steps)
+def op_differences(names: Sequence[str], steps: int, top: int, rounds: int = 3) -> list[dict[str, Any]]:
+    """For each variant, the `top` ops whose self CPU time per step grew most over dense's.
+
+    Dense and the variants are profiled in turn, `rounds` times, and each op's time is the median over
+    rounds, so a burst of load from other jobs during one profile does not land on one variant alone.
+    """
+    order = ["dense", *names]
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in order}
+    for _ in range(rounds):
+        for name in order:
+            samples[name].append(op_seconds(name, steps))
+
+    def median_ops(name: str) -> dict[str, float]:
+        ops = {op for sample in samples[name] for op in sample}
+        return {op: statistics.median(sample.get(op, 0.0) for sample in samples[name]) for op in ops}
+
+    dense = median_ops("dense")
     rows = []
     for name in names:
-        ops = op_seconds(name, steps)
+        ops = median_ops(name)
         extra = sorted(ops, key=lambda op: ops[op] - dense.get(op, 0.0), reverse=True)[:top]
-        rows += [
-            {"variant": name, "op": op, "dense_s": dense.get(op, 0.0), "variant_s": ops[op], "total_s": sum(ops.values())}
-            for op in extra
-        ]
+        rows += [{"variant": name, "op": op, "dense_s": dense.get(op, 0.0), "variant_s": ops[op]} for op in extra]
     return rows
 
 
@@ -375,7 +386,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                 f"**{r['ratio']:.3f}**",
                 f"{r['round_ratio_min']:.2f}–{r['round_ratio_max']:.2f}",
                 f"{1000 * r['hooks_s']:.0f}",
-                f"{1000 * r['rest_over_dense_s']:+.0f}",
+                f"{round(1000 * r['rest_over_dense_s']):+d}",
                 f"{r['peak_mib']:.0f}",
                 f"{r['peak_ratio']:.3f}",
                 f"{r['growth_mib']:.0f}",
@@ -432,9 +443,9 @@ def section(rows: Sequence[dict[str, Any]], profile: Sequence[dict[str, Any]], m
             "",
             *verdict(rows),
             "",
-            f"Where the extra time goes (`torch.profiler`, {meta['profile_steps']} steps per variant after two warm-up "
-            "steps, run one after the other; the profiler's own overhead inflates small ops): the ops whose self "
-            "CPU time per step grew most over dense's.",
+            f"Where the extra time goes: the ops whose self CPU time per step grew most over dense's (`torch.profiler`, "
+            f"{meta['profile_steps']} steps per variant after two warm-up steps, dense and each variant profiled in "
+            "turn three times, median per op; the profiler's own overhead inflates small ops).",
             "",
             profile_table(profile),
             "",

@@ -2,7 +2,7 @@
 
 The weights have ResNet-50's conv and fc shapes with every channel width scaled by the same factor
 (input channels and classes kept), so each size has realistic layers in realistic proportions.
-Each size runs in a fresh process: `update_st3` at 90 % sparsity (rescale on), its median time
+Each size runs in a fresh process: `update_thresholds` at 90 % sparsity (rescale on), its median time
 over a few calls, and the memory its first call takes at its peak above what the weights and ST-3's
 buffers already hold (`/proc/self/status` VmHWM after a reset, minus VmRSS before).
 
@@ -33,7 +33,7 @@ from common import command_line, machine, machine_line, markdown_table, publish,
 from torch import nn
 
 from lightning_sparse.layers import select_layers
-from lightning_sparse.methods import ST3, update_st3
+from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 
 SIZES = (1_000_000, 10_000_000, 25_000_000, 100_000_000)
 SPARSITY = 0.9
@@ -82,16 +82,16 @@ def probe(target: int, repeats: int) -> dict[str, Any]:
     shapes = scaled_shapes(target)
     # Kaiming-normal magnitudes, as a freshly initialized conv net has.
     weights = [nn.Parameter(torch.randn(shape) * math.sqrt(2 / math.prod(shape[1:]))) for shape in shapes]
-    layers = [ST3(weight) for weight in weights]
+    layers = [StraightThroughSoftThreshold(weight) for weight in weights]
     state = sum(buffer.nbytes for layer in layers for buffer in layer.buffers())
 
     reset_peak_rss()
     before = rss_mib("VmRSS")
     started = time.perf_counter()
-    update_st3(layers, weights, SPARSITY)
+    update_thresholds(layers, weights, SPARSITY)
     first = time.perf_counter() - started
     peak = rss_mib("VmHWM") - before
-    update = median_seconds(lambda: update_st3(layers, weights, SPARSITY), repeats)
+    update = median_seconds(lambda: update_thresholds(layers, weights, SPARSITY), repeats)
 
     for weight in weights:
         weight.grad = torch.randn_like(weight)
@@ -174,7 +174,7 @@ def section(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             "",
             machine_line(meta["machine_before"], meta["machine_after"]),
             "",
-            f"One `update_st3` at {SPARSITY:.0%} sparsity (global quantile, masks, channel rescale) over ResNet-50's "
+            f"One `update_thresholds` at {SPARSITY:.0%} sparsity (global quantile, masks, channel rescale) over ResNet-50's "
             "conv and fc shapes with channel widths scaled to each size; median of "
             f"{meta['repeats']} calls, {meta['threads']} torch threads, one fresh process per size. Peak memory: "
             "what the first update took above the weights and ST-3's buffers (mask, 1 byte per weight, and "

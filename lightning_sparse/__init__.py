@@ -3,8 +3,8 @@
 from lightning_sparse.callback import SparsityCallback
 from lightning_sparse.checkpoint import harden_state_dict, load_hardened
 from lightning_sparse.hardening import harden
-from lightning_sparse.methods import ST3, STR
-from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule
+from lightning_sparse.methods import ST3, STR, SparsityMethod
+from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule, Schedule
 from lightning_sparse.stats import LayerStats, layer_stats
 
 __all__ = [
@@ -14,10 +14,12 @@ __all__ = [
     "CubicSchedule",
     "LayerStats",
     "LinearSchedule",
+    "Schedule",
     "SparsityCallback",
+    "SparsityMethod",
     "harden",
     "harden_state_dict",
     "layer_stats",
     "load_hardened",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

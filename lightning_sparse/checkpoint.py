@@ -2,9 +2,11 @@
 
 A checkpoint written during sparse training holds the model under its reparameterization: each
 sparsified layer's raw weight as `<layer>.parametrizations.weight.original`, next to the method's
-state (`...weight.0.s` for STR; `...weight.0.threshold/mask/scale` for ST-3). That is what an exact
-resume needs, but the unmodified model expects `<layer>.weight`. `harden_state_dict` converts one
-into the other, and `load_hardened` is `load_from_checkpoint` for such a checkpoint.
+state (`...weight.0.<buffer or parameter>`, e.g. thresholds and masks). That is what an exact resume
+needs, but the unmodified model expects `<layer>.weight`. `harden_state_dict` converts one into the
+other, and `load_hardened` is `load_from_checkpoint` for such a checkpoint.
+
+Like the callback, this module knows Lightning (its checkpoint format and `load_from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import io
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -22,12 +24,11 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
 from torch import Tensor
 
-from lightning_sparse.methods import ST3, STR
+from lightning_sparse.methods import PARAMETRIZATIONS
+
+__all__ = ["changed_settings", "check_resume", "describe_changes", "harden_state_dict", "load_hardened", "read_checkpoint"]
 
 LightningModuleT = TypeVar("LightningModuleT", bound=pl.LightningModule)
-
-REPARAMETERIZATION_SETTINGS = frozenset({"method", "layers", "rescale"})
-"""SparsityCallback settings that change what a checkpoint's tensors mean: a resume must keep them."""
 
 _REPARAMETERIZED_KEY = re.compile(r"(?P<layer>(?:.+\.)?)parametrizations\.weight\.(?P<entry>original|0\..+)")
 
@@ -36,17 +37,18 @@ _REPARAMETERIZED_KEY = re.compile(r"(?P<layer>(?:.+\.)?)parametrizations\.weight
 def harden_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """The state dict of the hardened model, from one saved under lightning-sparse reparameterizations.
 
-    Every STR or ST-3 `<layer>.parametrizations.weight.*` group becomes `<layer>.weight`, holding
-    the effective sparse weight (exact zeros; STR's shrink, ST-3's rescale or frozen mask applied),
-    computed by the method's own module in the saved dtypes. Everything else, other
+    Every lightning-sparse `<layer>.parametrizations.weight.*` group becomes `<layer>.weight`,
+    holding the effective sparse weight (exact zeros, the method's shrink, rescale or frozen mask
+    applied), computed by the method's own parametrization module in the saved dtypes. Everything else, other
     parametrizations included, passes through unchanged, in order. The result loads with strict
     keys into the unmodified model.
 
     Example:
         >>> from torch import nn
         >>> from torch.nn.utils import parametrize
+        >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
         >>> layer = nn.Linear(4, 2)
-        >>> _ = parametrize.register_parametrization(layer, "weight", STR(s_init=0.0))
+        >>> _ = parametrize.register_parametrization(layer, "weight", LearnedSoftThreshold(s_init=0.0))
         >>> plain = nn.Linear(4, 2)
         >>> plain.load_state_dict(harden_state_dict(layer.state_dict()))
         <All keys matched successfully>
@@ -73,14 +75,13 @@ def harden_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _effective_weight(entries: dict[str, Any]) -> Tensor | None:
-    """The effective weight of one layer's saved STR or ST-3 reparameterization; None for any other."""
+    """The effective weight of one layer's saved lightning-sparse reparameterization; None for any other."""
     original = entries["original"]
     state = {name.removeprefix("0."): value for name, value in entries.items() if name != "original"}
-    for candidate in (STR(s_init=0.0), ST3(original)):
-        if candidate.state_dict().keys() == state.keys():
-            # `assign`: keep the saved dtypes (bf16 thresholds after `bf16-true`), to compute as training did.
-            candidate.load_state_dict(state, assign=True)
-            return candidate(original)
+    for parametrization_class in PARAMETRIZATIONS:
+        parametrization = parametrization_class.from_state_dict(original, state)
+        if parametrization is not None:
+            return parametrization(original)  # type: ignore[no-any-return]
     return None
 
 
@@ -155,17 +156,19 @@ def describe_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
     return "\n".join(lines)
 
 
-def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+def check_resume(
+    saved: Mapping[str, Any] | None, current: Mapping[str, Any], must_keep: Collection[str]
+) -> dict[str, tuple[Any, Any]]:
     """Refuse to resume a checkpoint whose SparsityCallback state `saved` does not fit `current`.
 
     Raises a `ValueError` saying what differs when the checkpoint has no such state (a dense run)
-    or differs in a `REPARAMETERIZATION_SETTINGS`. Returns the other changed settings (target,
-    schedule, ...), which a resume may change.
+    or differs in a setting of `must_keep` (those that change what the saved tensors mean). Returns
+    the other changed settings (target, schedule, ...), which a resume may change.
 
     Example:
-        >>> check_resume({"method": "st3", "end": 0.5}, {"method": "st3", "end": 0.8})
+        >>> check_resume({"method": "st3", "end": 0.5}, {"method": "st3", "end": 0.8}, must_keep={"method"})
         {'end': (0.5, 0.8)}
-        >>> check_resume({"method": "st3"}, {"method": "str"})  # doctest: +ELLIPSIS
+        >>> check_resume({"method": "st3"}, {"method": "str"}, must_keep={"method"})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         ValueError: it was saved under a different sparsity reparameterization:
@@ -179,7 +182,7 @@ def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any]) ->
             "`trainer.fit(model)` without `ckpt_path`"
         )
     changes = changed_settings(saved, current)
-    conflicts = {name: change for name, change in changes.items() if name in REPARAMETERIZATION_SETTINGS}
+    conflicts = {name: change for name, change in changes.items() if name in must_keep}
     if conflicts:
         raise ValueError(
             f"it was saved under a different sparsity reparameterization:\n{describe_changes(conflicts)}\n"

@@ -8,7 +8,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_sparse.layers import original_weight, sparsity_parametrizations
+from lightning_sparse.layers import sparsity_parametrizations
+from lightning_sparse.methods.base import original_weight
+
+__all__ = ["harden"]
 
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
@@ -23,9 +26,9 @@ def harden(module: ModuleT) -> ModuleT:
     unmodified model's. A model without lightning-sparse reparameterizations is returned as is.
 
     Example:
-        >>> from lightning_sparse.methods import STR
+        >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
         >>> layer = nn.Linear(3, 3)
-        >>> _ = parametrize.register_parametrization(layer, "weight", STR(s_init=0.0))
+        >>> _ = parametrize.register_parametrization(layer, "weight", LearnedSoftThreshold(s_init=0.0))
         >>> sorted(harden(layer).state_dict())
         ['bias', 'weight']
     """

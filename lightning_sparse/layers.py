@@ -4,11 +4,22 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_sparse.methods import ST3, STR
+from lightning_sparse.methods.base import SparseLayers, SparseParametrization
+
+__all__ = [
+    "SPARSIFIABLE_TYPES",
+    "LayerFilter",
+    "check_filters",
+    "parametrize_layers",
+    "select_layers",
+    "sparsity_parametrizations",
+    "unparametrize_layers",
+]
 
 # The type comes first: jsonargparse (LightningCLI) tries a union's members in order, so a YAML
 # entry `torch.nn.Conv1d` becomes the class and any other string stays a name pattern.
@@ -16,7 +27,6 @@ LayerFilter = type[nn.Module] | str
 """A module-name pattern (`fnmatch` style, e.g. `"encoder.*"`) or a module type."""
 
 SPARSIFIABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-SPARSITY_PARAMETRIZATIONS = (STR, ST3)
 
 
 def _matches(name: str, module: nn.Module, layer_filter: LayerFilter) -> bool:
@@ -25,14 +35,26 @@ def _matches(name: str, module: nn.Module, layer_filter: LayerFilter) -> bool:
     return isinstance(module, layer_filter)
 
 
-def check_filters(argument: str, filters: Sequence[LayerFilter] | None) -> None:
-    """Raise a `ValueError` naming `argument` unless every filter is a pattern or a module type."""
-    for layer_filter in filters or ():
-        is_type = isinstance(layer_filter, type) and issubclass(layer_filter, nn.Module)
-        if not (isinstance(layer_filter, str) or is_type):
-            raise ValueError(
-                f"`{argument}` takes module-name patterns (str) or nn.Module subclasses, got {layer_filter!r}"
+def check_filters(argument: str, filters: Any) -> list[LayerFilter] | None:
+    """`filters` as a list, if it is one pattern or type, or a list or tuple of them; None stays None.
+
+    A single pattern or type is taken as a one-element list (a string is never split into letters).
+    Anything else raises a `TypeError` naming `argument`.
+
+    Example:
+        >>> check_filters("include", nn.Linear), check_filters("exclude", ("encoder.*",))
+        ([<class 'torch.nn.modules.linear.Linear'>], ['encoder.*'])
+    """
+    if filters is None:
+        return None
+    entries = list(filters) if isinstance(filters, (list, tuple)) else [filters]
+    for entry in entries:
+        if not (isinstance(entry, str) or (isinstance(entry, type) and issubclass(entry, nn.Module))):
+            raise TypeError(
+                f"`{argument}` takes module-name patterns (str) or nn.Module subclasses, one or a list of them, "
+                f"got {entry!r}"
             )
+    return entries
 
 
 def select_layers(
@@ -71,7 +93,7 @@ def select_layers(
     }
 
 
-def sparsity_parametrizations(model: nn.Module) -> dict[str, tuple[nn.Module, STR | ST3]]:
+def sparsity_parametrizations(model: nn.Module) -> SparseLayers:
     """The layers of `model` that carry a lightning-sparse reparameterization, by qualified name.
 
     Example:
@@ -81,15 +103,10 @@ def sparsity_parametrizations(model: nn.Module) -> dict[str, tuple[nn.Module, ST
     found = {}
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:
-                if isinstance(p, SPARSITY_PARAMETRIZATIONS):
+            for p in module.parametrizations.weight:  # type: ignore[union-attr]
+                if isinstance(p, SparseParametrization):
                     found[name] = (module, p)
     return found
-
-
-def original_weight(module: nn.Module) -> Tensor:
-    """The raw, trainable weight under a reparameterization."""
-    return module.parametrizations.weight.original
 
 
 def parametrize_layers(layers: Mapping[str, nn.Module], make: Callable[[Tensor], nn.Module]) -> None:
@@ -100,7 +117,8 @@ def parametrize_layers(layers: Mapping[str, nn.Module], make: Callable[[Tensor],
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2))
-        >>> parametrize_layers(select_layers(net), lambda w: STR(s_init=-5.0))
+        >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
+        >>> parametrize_layers(select_layers(net), lambda w: LearnedSoftThreshold(s_init=-5.0))
         >>> list(sparsity_parametrizations(net))
         ['0']
     """
@@ -132,7 +150,8 @@ def unparametrize_layers(layers: Iterable[nn.Module]) -> None:
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 2))
         >>> weight = net[0].weight
-        >>> parametrize_layers(select_layers(net), lambda w: STR(s_init=0.0))
+        >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
+        >>> parametrize_layers(select_layers(net), lambda w: LearnedSoftThreshold(s_init=0.0))
         >>> unparametrize_layers([net[0]])
         >>> net[0].weight is weight, sparsity_parametrizations(net)
         (True, {})

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = ["split_param_group"]
+
 
 def split_param_group(
     optimizer: torch.optim.Optimizer,

@@ -1,40 +1,42 @@
 """Sparsity and FLOPs logging through Lightning's loggers, and the per-layer budget report at fit end.
 
-The only module besides the callback that knows about Lightning, and the only one that touches
-W&B (imported lazily: wandb stays optional), rich and matplotlib. The numbers come from `stats`.
+Lightning-facing, like `callback` and `checkpoint`; the only module that touches W&B, rich and
+matplotlib. The numbers come from `stats` and from the method's own `metrics`.
 
 Logged keys, grouped so a W&B workspace puts each family in its own section:
 
-- ``sparsity/global``: fraction of zeros over all sparsified weights; ST-3 adds ``sparsity/target``
-  (the schedule's value) and ``sparsity/threshold`` (the global magnitude threshold).
+- ``sparsity/global``: fraction of zeros over all sparsified weights.
 - ``layer_sparsity/<module name>``: each sparsified layer's fraction of zeros.
 - ``flops/dense``, ``flops/sparse`` (multiply-accumulates per sample) and ``flops/sparse_over_dense``.
-- ``threshold/<module name>``: STR's per-layer threshold ``sigmoid(s)``.
+- the method's own keys, under ``sparsity/`` or ``threshold/``: a scheduled target
+  (``sparsity/target``) and threshold (``sparsity/threshold``), or learned per-layer thresholds
+  (``threshold/<module name>``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.utilities import move_data_to_device
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import nn
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.table import Table
 
-from lightning_sparse.methods import ST3, STR
+from lightning_sparse.methods.base import SparseLayers
 from lightning_sparse.stats import LayerStats, dense_flops, sparse_stats
+
+__all__ = ["KEY_PREFIXES", "PLOT_FILE", "STEP_KEY", "SparsityReport"]
 
 STEP_KEY = "trainer/global_step"
 """The x-axis WandbLogger writes with every row; our keys are plotted against it."""
 KEY_PREFIXES = ("sparsity", "layer_sparsity", "flops", "threshold")
 PLOT_FILE = "sparsity_budget.png"
 TABLE_COLUMNS = ["layer", "shape", "params", "nonzeros", "density", "dense_flops", "sparse_flops"]
-
-Layers = Mapping[str, tuple[nn.Module, STR | ST3]]
 
 
 class SparsityReport:
@@ -83,13 +85,12 @@ class SparsityReport:
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         batch: Any,
-        layers: Layers,
-        target: float | None = None,
-        threshold: float | None = None,
+        layers: SparseLayers,
+        method_metrics: Callable[[], Mapping[str, float]],
     ) -> None:
         """After each optimizer step: measure dense FLOPs the first time, log when due.
 
-        `target` and `threshold` are ST-3's scheduled sparsity and global threshold (None for STR).
+        `method_metrics` gives the method's own values; it is called only on logging steps.
         """
         if self._dense is None:
             # Every rank runs the forward: a sharded model needs all of them in it.
@@ -97,15 +98,12 @@ class SparsityReport:
         every = self.every_n_steps or trainer.log_every_n_steps
         if trainer.global_step % every or not trainer.is_global_zero:
             return
-        metrics = _metrics(sparse_stats(pl_module, self._dense), layers)
-        for key, value in (("sparsity/target", target), ("sparsity/threshold", threshold)):
-            if value is not None:
-                metrics[key] = value
-        self._history.append((trainer.global_step, metrics["sparsity/global"], target))
+        metrics = {**_metrics(sparse_stats(pl_module, self._dense), layers), **method_metrics()}
+        self._history.append((trainer.global_step, metrics["sparsity/global"], metrics.get("sparsity/target")))
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: Layers) -> None:
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: SparseLayers) -> None:
         """Print the per-layer table, save the PNG and log the W&B budget table (rank zero)."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
@@ -142,7 +140,7 @@ def _measure_dense_flops(trainer: pl.Trainer, pl_module: pl.LightningModule, bat
         return {}
 
 
-def _metrics(stats: Sequence[LayerStats], layers: Layers) -> dict[str, float]:
+def _metrics(stats: Sequence[LayerStats], layers: SparseLayers) -> dict[str, float]:
     sparsified = [s for s in stats if s.name in layers]
     params = sum(s.params for s in sparsified)
     metrics = {"sparsity/global": 1.0 - sum(s.nonzeros for s in sparsified) / params}
@@ -153,10 +151,6 @@ def _metrics(stats: Sequence[LayerStats], layers: Layers) -> dict[str, float]:
         metrics.update(
             {"flops/dense": float(dense), "flops/sparse": float(sparse), "flops/sparse_over_dense": sparse / dense}
         )
-    str_layers = {name: p for name, (_, p) in layers.items() if isinstance(p, STR)}
-    if str_layers:
-        thresholds = torch.stack([p.threshold().detach() for p in str_layers.values()]).tolist()
-        metrics.update({f"threshold/{name}": t for name, t in zip(str_layers, thresholds)})
     return metrics
 
 
@@ -168,7 +162,7 @@ def _table_rows(stats: Sequence[LayerStats]) -> list[list[Any]]:
 
 
 def _log_wandb_budget(logger: WandbLogger, stats: Sequence[LayerStats], step: int) -> None:
-    import wandb
+    import wandb  # here, not at the top: only runs with a WandbLogger pay for importing it
 
     table = wandb.Table(columns=TABLE_COLUMNS, data=_table_rows(stats))
     chart = wandb.plot.bar(table, "layer", "density", title="Density per layer")
@@ -176,12 +170,6 @@ def _log_wandb_budget(logger: WandbLogger, stats: Sequence[LayerStats], step: in
 
 
 def _print_table(stats: Sequence[LayerStats], sparsified: set[str]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        rank_zero_warn("Install `rich` to see lightning-sparse's per-layer budget table at the end of training.")
-        return
     table = Table(title="lightning-sparse: per-layer budget (FLOPs = multiply-accumulates per sample)")
     if any(s.name not in sparsified for s in stats):
         table.caption = "* not sparsified"
@@ -210,11 +198,6 @@ def _print_table(stats: Sequence[LayerStats], sparsified: set[str]) -> None:
 def _save_plot(
     stats: Sequence[LayerStats], sparsified: set[str], history: Sequence[tuple[int, float, float | None]], path: str
 ) -> None:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        rank_zero_warn(f"Install `matplotlib` to get lightning-sparse's budget plot ({path}) at the end of training.")
-        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     # The figure grows with the number of layers so every name stays readable.
     figure = Figure(figsize=(13, max(4.0, 0.22 * len(stats) + 1.5)), layout="constrained")
@@ -235,7 +218,7 @@ def _save_plot(
     steps = [step for step, _, _ in history]
     curve.plot(steps, [100 * sparsity for _, sparsity, _ in history], marker=".", label="global sparsity")
     if any(target is not None for _, _, target in history):
-        curve.plot(steps, [100 * target for _, _, target in history], "--", label="target (ST-3 schedule)")
+        curve.plot(steps, [100 * (target or 0.0) for _, _, target in history], "--", label="target (schedule)")
     curve.set_xlabel("optimizer step")
     curve.set_ylabel("sparsity of sparsified weights (%)")
     curve.set_ylim(0, 100)

@@ -1,13 +1,35 @@
-"""Sparsity schedules: frozen dataclasses mapping an optimizer step to a target sparsity."""
+"""Sparsity schedules: frozen dataclasses mapping an optimizer step to a target sparsity.
+
+Any object with a `sparsity_at(step) -> float` method is a `Schedule`; the built-in ones cover the
+papers' ramps.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from lightning_sparse.arguments import check_real
+
+__all__ = ["ConstantSchedule", "CubicSchedule", "LinearSchedule", "Schedule"]
 
 
-def _check_sparsity(final: float) -> None:
-    if not 0.0 <= final < 1.0:
-        raise ValueError(f"final sparsity must lie in [0, 1), got {final}")
+@runtime_checkable
+class Schedule(Protocol):
+    """The target sparsity after each optimizer step.
+
+    Example:
+        >>> isinstance(CubicSchedule(final=0.9, start=0, end=100), Schedule)
+        True
+    """
+
+    def sparsity_at(self, step: int) -> float:
+        """The fraction of weights to prune after optimizer step `step`, in [0, 1)."""
+        ...
+
+
+def _check_final(final: float) -> None:
+    check_real("final", final, low=0.0, high=1.0, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -23,7 +45,7 @@ class ConstantSchedule:
     start: int = 0
 
     def __post_init__(self) -> None:
-        _check_sparsity(self.final)
+        _check_final(self.final)
         if self.start < 0:
             raise ValueError(f"start must be >= 0, got {self.start}")
 
@@ -45,7 +67,7 @@ class LinearSchedule:
     end: int
 
     def __post_init__(self) -> None:
-        _check_sparsity(self.final)
+        _check_final(self.final)
         if not 0 <= self.start < self.end:
             raise ValueError(f"need 0 <= start < end, got start={self.start}, end={self.end}")
 
@@ -70,6 +92,3 @@ class CubicSchedule(LinearSchedule):
 
     def sparsity_at(self, step: int) -> float:
         return self.final * (1.0 - (1.0 - self.progress(step)) ** 3)
-
-
-Schedule = ConstantSchedule | LinearSchedule | CubicSchedule

@@ -18,8 +18,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_sparse.layers import SPARSIFIABLE_TYPES, original_weight, sparsity_parametrizations
-from lightning_sparse.methods import ST3, STR
+from lightning_sparse.layers import SPARSIFIABLE_TYPES, sparsity_parametrizations
+from lightning_sparse.methods.base import SparseParametrization, original_weight
+
+__all__ = ["LayerStats", "dense_flops", "layer_stats", "sparse_stats"]
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def sparse_stats(module: nn.Module, dense: Mapping[str, int]) -> list[LayerStats
     ]
 
 
-def _layers(module: nn.Module) -> dict[str, tuple[nn.Module, STR | ST3 | None]]:
+def _layers(module: nn.Module) -> dict[str, tuple[nn.Module, SparseParametrization | None]]:
     """Conv/linear layers and any other sparsified layer, with their reparameterization if any."""
     sparsified = sparsity_parametrizations(module)
     return {

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+__all__ = ["global_magnitude_threshold"]
+
 # Above this many elements, a strided sample brackets the quantile and only the elements inside
 # the bracket are selected exactly: a few cheap passes instead of a full selection, which costs
 # ~0.4 s on 11 M CPU floats (and `torch.quantile` refuses more than 2^24 elements at all).

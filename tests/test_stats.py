@@ -10,9 +10,10 @@ import torch
 import torchvision
 from torch import nn
 
-from lightning_sparse import ST3, STR, layer_stats
+from lightning_sparse import layer_stats
+from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
+from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from lightning_sparse.layers import parametrize_layers, select_layers
-from lightning_sparse.methods import update_st3
 from lightning_sparse.stats import dense_flops, sparse_stats
 
 # STR's ResNet-50 at 90.23 % overall sparsity (Kusupati et al., ICML 2020, layer-wise budget table in
@@ -57,7 +58,7 @@ def test_str_published_resnet50_budget_gives_the_papers_flops(resnet50: nn.Modul
     model = copy.deepcopy(resnet50)
     layers = select_layers(model)
     assert len(layers) == len(STR_90_23_SPARSITY)
-    parametrize_layers(layers, lambda weight: STR(s_init=0.0))
+    parametrize_layers(layers, lambda weight: LearnedSoftThreshold(s_init=0.0))
     with torch.no_grad():
         for module, sparsity in zip(layers.values(), STR_90_23_SPARSITY):
             # Put each layer's threshold sigmoid(s) at the magnitude that prunes its published share.
@@ -117,9 +118,9 @@ def test_reparameterized_layers_count_their_effective_nonzeros() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
     example = torch.randn(2, 3, 8, 8)
     dense = dense_flops(model, example)
-    parametrize_layers(select_layers(model), lambda weight: ST3(weight))
+    parametrize_layers(select_layers(model), lambda weight: StraightThroughSoftThreshold(weight))
     pairs = [(m, m.parametrizations.weight[0]) for m in (model[0], model[3])]
-    update_st3([p for _, p in pairs], [m.parametrizations.weight.original for m, _ in pairs], sparsity=0.7)
+    update_thresholds([p for _, p in pairs], [m.parametrizations.weight.original for m, _ in pairs], sparsity=0.7)
 
     stats = layer_stats(model, example)
 

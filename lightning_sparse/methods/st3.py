@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Self
 
+from lightning_sparse.arguments import StepOrFraction, check_bool, check_real, check_step_or_fraction
+from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod, distinct_weights
+from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule, Schedule
 from lightning_sparse.thresholds import global_magnitude_threshold
+
+__all__ = ["ST3", "StraightThroughSoftThreshold", "sigma_scale", "update_thresholds"]
+
+SCHEDULES: dict[str, type[LinearSchedule]] = {"cubic": CubicSchedule, "linear": LinearSchedule}
+SCHEDULE_NAMES = (*SCHEDULES, "constant")
 
 
 class _SoftThresholdStraightThrough(torch.autograd.Function):
     """Forward: soft threshold and channel rescale. Backward: the identity, to every weight."""
 
     @staticmethod
-    def forward(weight: Tensor, threshold: Tensor, scale: Tensor) -> Tensor:
+    def forward(weight: Tensor, threshold: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
         shrunk = weight - weight.clamp(-threshold, threshold)
         return shrunk.mul_(scale.to(weight.dtype))
 
@@ -25,27 +36,31 @@ class _SoftThresholdStraightThrough(torch.autograd.Function):
         pass
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         # Pruned weights keep receiving the full gradient, so they can come back at the next threshold.
         return grad, None, None
 
 
-class ST3(nn.Module):
-    """ST-3 reparameterization of one weight: `sign(w) * relu(|w| - t) * c`, straight-through.
+class StraightThroughSoftThreshold(SparseParametrization):
+    """ST-3's reparameterization of one weight: `sign(w) * relu(|w| - t) * c`, straight-through.
 
     `t` (the layer's threshold), the keep mask and the per-output-channel rescale `c` are buffers
-    set by `update_st3` after each optimizer step. Once frozen, the forward is `w * mask` with
-    the true gradient, so only surviving weights train.
+    set by `update_thresholds` after each optimizer step. Once frozen, the forward is `w * mask`
+    with the true gradient, so only surviving weights train.
 
     Example:
         >>> from torch.nn.utils import parametrize
         >>> layer = torch.nn.Linear(4, 2)
-        >>> st3 = ST3(layer.weight)
+        >>> st3 = StraightThroughSoftThreshold(layer.weight)
         >>> _ = parametrize.register_parametrization(layer, "weight", st3)
-        >>> _ = update_st3([st3], [layer.parametrizations.weight.original], sparsity=0.5)
+        >>> _ = update_thresholds([st3], [layer.parametrizations.weight.original], sparsity=0.5)
         >>> int((layer.weight == 0).sum())
         4
     """
+
+    threshold: Tensor
+    mask: Tensor
+    scale: Tensor
 
     def __init__(self, weight: Tensor, rescale: bool = True) -> None:
         super().__init__()
@@ -59,11 +74,20 @@ class ST3(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         if self.frozen:
             return weight * self.mask
-        return _SoftThresholdStraightThrough.apply(weight, self.threshold, self.scale)
+        return _SoftThresholdStraightThrough.apply(weight, self.threshold, self.scale)  # type: ignore[no-any-return]
 
     def keep_mask(self, weight: Tensor) -> Tensor:
         """Which entries of `weight` survive (the mask of the last update)."""
         return self.mask
+
+    @classmethod
+    def from_state_dict(cls, original: Tensor, state: Mapping[str, Any]) -> Self | None:
+        candidate = cls(original)
+        if candidate.state_dict().keys() != state.keys():
+            return None
+        # `assign`: keep the saved dtypes, to compute as training did.
+        candidate.load_state_dict(state, assign=True)
+        return candidate
 
     @torch.no_grad()
     def set_threshold(self, magnitude: Tensor, threshold: float) -> None:
@@ -102,8 +126,8 @@ def sigma_scale(weight: Tensor) -> float:
 
 
 @torch.no_grad()
-def update_st3(
-    layers: Sequence[ST3], weights: Sequence[Tensor], sparsity: float, sigma: bool = False
+def update_thresholds(
+    layers: Sequence[StraightThroughSoftThreshold], weights: Sequence[Tensor], sparsity: float, sigma: bool = False
 ) -> float:
     """Set every layer's threshold from one global magnitude quantile at `sparsity`.
 
@@ -113,8 +137,8 @@ def update_st3(
 
     Example:
         >>> w = torch.arange(1.0, 11.0).reshape(2, 5)
-        >>> st3 = ST3(w, rescale=False)
-        >>> update_st3([st3], [w], sparsity=0.3)
+        >>> st3 = StraightThroughSoftThreshold(w, rescale=False)
+        >>> update_thresholds([st3], [w], sparsity=0.3)
         3.0
         >>> st3.mask.sum().item()
         7
@@ -125,3 +149,159 @@ def update_st3(
     for layer, magnitude, scale in zip(layers, magnitudes, scales):
         layer.set_threshold(magnitude, tau / scale)
     return tau
+
+
+@dataclass(frozen=True)
+class ST3(SparsityMethod):
+    """ST-3: one global magnitude threshold after every optimizer step, following a schedule.
+
+    The effective weight is `sign(w) * relu(|w| - t) * c` with straight-through gradients: every raw
+    weight, pruned or not, gets the gradient of its effective weight, so pruned weights can come back.
+    `t` is chosen after each optimizer step so that the schedule's fraction of all sparsified weights
+    is zero; `c` rescales each output channel by about 1 / (fraction of its L1 mass kept).
+
+    Args:
+        target_sparsity: Final fraction of zeros over all sparsified weights, in [0, 1).
+        start, end: Where the schedule starts and reaches `target_sparsity`: an optimizer step (int)
+            or a fraction of the run's optimizer steps (float). Default 0.05 and 0.5.
+        schedule: ``"cubic"`` (default), ``"linear"``, ``"constant"`` (the full target from `start`),
+            or any object with a `sparsity_at(step)` method, which then replaces `target_sparsity`,
+            `start` and `end`.
+        freeze_at: Step or fraction from which masks are fixed and only surviving weights train
+            (the papers' fine-tune). Default: never.
+        rescale: The per-output-channel rescale of the paper's code. Default True.
+        sigma: ST-3σ: compare `|w| * sqrt(sum(weight.shape))` across layers, which spreads the
+            budget more evenly and gives fewer FLOPs at the same sparsity.
+
+    Example:
+        >>> ST3(target_sparsity=0.9, freeze_at=0.9).for_run(total_steps=100).freeze_at
+        90
+        >>> ST3(target_sparsity=0.9, end=0.5, freeze_at=3).for_run(total_steps=16)
+        Traceback (most recent call last):
+        ...
+        ValueError: `freeze_at` (step 3) must not come before `end` (step 8): masks would freeze mid-schedule
+    """
+
+    target_sparsity: float | None = None
+    start: StepOrFraction | None = None
+    end: StepOrFraction | None = None
+    schedule: str | Schedule = "cubic"
+    freeze_at: StepOrFraction | None = None
+    rescale: bool = True
+    sigma: bool = False
+
+    parametrization_class = StraightThroughSoftThreshold
+    reparameterization_settings = frozenset({"rescale"})
+
+    def __post_init__(self) -> None:
+        checked: dict[str, Any] = {}
+        if isinstance(self.schedule, str):
+            if self.schedule not in SCHEDULE_NAMES:
+                raise ValueError(f"`schedule` must be one of {', '.join(map(repr, SCHEDULE_NAMES))}, got {self.schedule!r}")
+            if self.target_sparsity is None:
+                raise ValueError("`target_sparsity` is required: the final fraction of zeros, e.g. 0.9")
+            checked["target_sparsity"] = check_real("target_sparsity", self.target_sparsity, low=0.0, high=1.0, high_open=True)
+            checked["start"] = check_step_or_fraction("start", 0.05 if self.start is None else self.start)
+            checked["end"] = check_step_or_fraction("end", 0.5 if self.end is None else self.end)
+        elif not callable(getattr(self.schedule, "sparsity_at", None)):
+            raise TypeError(
+                f"`schedule` must be one of {', '.join(map(repr, SCHEDULE_NAMES))} or an object with a "
+                f"`sparsity_at(step)` method, got {self.schedule!r} ({type(self.schedule).__name__})"
+            )
+        else:
+            given = [name for name in ("target_sparsity", "start", "end") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(f'`{n}`' for n in given)} cannot be combined with a schedule object, which sets "
+                    "the sparsity at every step; remove them, or give `schedule` by name"
+                )
+        if self.freeze_at is not None:
+            checked["freeze_at"] = check_step_or_fraction("freeze_at", self.freeze_at)
+        checked["rescale"] = check_bool("rescale", self.rescale)
+        checked["sigma"] = check_bool("sigma", self.sigma)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+        _check_order(self.schedule, self.start, self.end, self.freeze_at)
+
+    @property
+    def name(self) -> str:
+        return "st3sigma" if self.sigma else "st3"
+
+    def for_run(self, total_steps: float) -> Self:
+        start, end, freeze_at = (_to_step(name, getattr(self, name), total_steps) for name in ("start", "end", "freeze_at"))
+        _check_order(self.schedule, start, end, freeze_at, unit="step ")
+        if not isinstance(self.schedule, str):
+            return dataclasses.replace(self, freeze_at=freeze_at)
+        # The resolved method carries its schedule as an object, like a user-given one.
+        assert self.target_sparsity is not None and start is not None and end is not None
+        schedule: Schedule
+        if self.schedule == "constant":
+            schedule = ConstantSchedule(self.target_sparsity, start)
+        else:
+            schedule = SCHEDULES[self.schedule](self.target_sparsity, start, end)
+        return dataclasses.replace(
+            self, schedule=schedule, target_sparsity=None, start=None, end=None, freeze_at=freeze_at
+        )
+
+    def parametrization(self, weight: Tensor) -> StraightThroughSoftThreshold:
+        return StraightThroughSoftThreshold(weight, rescale=self.rescale)
+
+    def owns(self, parametrization: nn.Module) -> bool:
+        return isinstance(parametrization, StraightThroughSoftThreshold) and parametrization.rescale == self.rescale
+
+    def after_optimizer_step(self, step: int, layers: SparseLayers) -> None:
+        pairs = [(p, w) for p, w in distinct_weights(layers) if isinstance(p, StraightThroughSoftThreshold)]
+        if any(p.frozen for p, _ in pairs):
+            return
+        parametrizations, weights = [p for p, _ in pairs], [w for _, w in pairs]
+        update_thresholds(parametrizations, weights, self._schedule().sparsity_at(step), sigma=self.sigma)
+        if isinstance(self.freeze_at, int) and step >= self.freeze_at:
+            for p, weight in pairs:
+                p.freeze(weight)
+
+    def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:
+        """``sparsity/target`` (the schedule's value) and ``sparsity/threshold`` (the global threshold)."""
+        metrics = {"sparsity/target": self._schedule().sparsity_at(step)}
+        for p, weight in distinct_weights(layers)[:1]:
+            # Every layer holds the global threshold in its own units (divided by its width under σ).
+            assert isinstance(p, StraightThroughSoftThreshold)
+            metrics["sparsity/threshold"] = p.threshold.item() * (sigma_scale(weight) if self.sigma else 1.0)
+        return metrics
+
+    def _schedule(self) -> Schedule:
+        if isinstance(self.schedule, str):
+            raise RuntimeError("ST3's schedule is in fractions of a run: call `for_run(total_steps)` first")
+        return self.schedule
+
+
+def _check_order(
+    schedule: str | Schedule, start: StepOrFraction | None, end: StepOrFraction | None,
+    freeze_at: StepOrFraction | None, unit: str = "",
+) -> None:
+    """`start < end <= freeze_at`, for each pair given in the same unit (all are steps after `for_run`)."""
+    # A constant schedule reaches its target at `start`; a schedule object's ramp is its own business.
+    ramp = {"constant": "start"}.get(schedule, "end") if isinstance(schedule, str) else None
+    ramp_end = start if ramp == "start" else end if ramp == "end" else None
+    if ramp == "end" and _same_unit(start, end) and end <= start:  # type: ignore[operator]
+        too_few = "; the run has too few optimizer steps for them" if unit else ""
+        raise ValueError(f"`end` ({unit}{end}) must come after `start` ({unit}{start}){too_few}")
+    if _same_unit(freeze_at, ramp_end) and freeze_at < ramp_end:  # type: ignore[operator]
+        raise ValueError(
+            f"`freeze_at` ({unit}{freeze_at}) must not come before `{ramp}` ({unit}{ramp_end}): "
+            "masks would freeze mid-schedule"
+        )
+
+
+def _same_unit(a: StepOrFraction | None, b: StepOrFraction | None) -> bool:
+    return a is not None and b is not None and type(a) is type(b)
+
+
+def _to_step(name: str, value: StepOrFraction | None, total: float) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    if not math.isfinite(total):
+        raise ValueError(
+            f"`{name}={value}` is a fraction of training, but this Trainer has no known number of optimizer "
+            f"steps; set `max_steps` or `max_epochs` on the Trainer, or give `{name}` as an int step"
+        )
+    return round(value * total)
