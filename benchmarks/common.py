@@ -38,9 +38,9 @@ FLOPs are multiply-accumulates per sample of conv and linear layers (the papers'
 """
 _GPU_SECTION = """## GPU step time
 
-Not run: no GPU was lent to the session that produced these results. `benchmarks/step_time.py` is
-CPU-only as committed; the ResNet-50 / batch 64 / 224x224 / bf16 GPU figures of issue 6 remain to be
-measured on a machine with one.
+Not measured yet: these results come from CPU-only machines. `benchmarks/step_time.py` is CPU-only as
+committed; ResNet-50 / batch 64 / 224x224 / bf16 GPU figures remain to be measured on a machine with a
+GPU.
 """
 
 

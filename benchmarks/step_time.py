@@ -32,12 +32,23 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torchvision
-from common import command_line, cubic_increments, machine, machine_line, markdown_table, model_pruning, publish
-from common import reset_peak_rss, rss_mib, silence, trainer
 from torch import Tensor, nn
 from torch.ao.pruning import WeightNormSparsifier
 from torch.utils.data import DataLoader, TensorDataset
 
+from common import (
+    command_line,
+    cubic_increments,
+    machine,
+    machine_line,
+    markdown_table,
+    model_pruning,
+    publish,
+    reset_peak_rss,
+    rss_mib,
+    silence,
+    trainer,
+)
 from lightning_sparse import CubicSchedule, SparsityCallback
 from lightning_sparse.layers import select_layers
 
@@ -339,7 +350,9 @@ def profile_table(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def summarize(timers: dict[str, StepTimer], warmup: int, block: int, memory: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+def summarize(
+    timers: dict[str, StepTimer], warmup: int, block: int, memory: dict[str, dict[str, float]]
+) -> list[dict[str, Any]]:
     """Median step time, ratios to dense, the mask-update hooks' share and peak memory, one row per variant."""
     steps = {name: timer.times[warmup:] for name, timer in timers.items()}
     hooks = {name: timer.hook_times[warmup:] for name, timer in timers.items()}
@@ -351,8 +364,8 @@ def summarize(timers: dict[str, StepTimer], warmup: int, block: int, memory: dic
     rows = []
     for name, values in steps.items():
         # Blocks of the same round ran back to back: their ratio shows how steady the comparison is.
-        round_ratios = [v / d for v, d in zip(per_block(values), per_block(steps["dense"]))]
-        rest = [step - hook for step, hook in zip(values, hooks[name])]
+        round_ratios = [v / d for v, d in zip(per_block(values), per_block(steps["dense"]), strict=True)]
+        rest = [step - hook for step, hook in zip(values, hooks[name], strict=True)]
         rows.append(
             {
                 "variant": name,
@@ -398,7 +411,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """The issue's targets, in words: ratio <= 1.05, and not slower than ModelPruning pruning every step."""
+    """The step-time targets, in words: ratio <= 1.05, and not slower than ModelPruning pruning every step."""
     by_name = {r["variant"]: r for r in rows}
     lines = []
     for name in ("st3", "str"):
@@ -409,7 +422,10 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
         line = f"- {LABELS[name].split(' (')[0]}: {ratio:.3f}x dense, {met} the 1.05 target"
         if "modelpruning" in by_name:
             faster = ratio <= by_name["modelpruning"]["ratio"]
-            line += f"; {'faster' if faster else '**slower**'} than ModelPruning pruning every step ({by_name['modelpruning']['ratio']:.3f}x)"
+            line += (
+                f"; {'faster' if faster else '**slower**'} than ModelPruning pruning every step "
+                f"({by_name['modelpruning']['ratio']:.3f}x)"
+            )
         lines.append(line + ".")
     return lines
 
@@ -443,9 +459,9 @@ def section(rows: Sequence[dict[str, Any]], profile: Sequence[dict[str, Any]], m
             "",
             *verdict(rows),
             "",
-            f"Where the extra time goes: the ops whose self CPU time per step grew most over dense's (`torch.profiler`, "
-            f"{meta['profile_steps']} steps per variant after two warm-up steps, dense and each variant profiled in "
-            "turn three times, median per op; the profiler's own overhead inflates small ops).",
+            "Where the extra time goes: the ops whose self CPU time per step grew most over dense's "
+            f"(`torch.profiler`, {meta['profile_steps']} steps per variant after two warm-up steps, dense and each "
+            "variant profiled in turn three times, median per op; the profiler's own overhead inflates small ops).",
             "",
             profile_table(profile),
             "",
@@ -500,7 +516,9 @@ def main() -> None:
         "times": {name: timer.times for name, timer in timers.items()},
         "hook_times": {name: timer.hook_times for name, timer in timers.items()},
     }
-    publish("step_time", {**meta, "rows": rows, "memory": memory, "profile": profile, **raw}, section(rows, profile, meta))
+    publish(
+        "step_time", {**meta, "rows": rows, "memory": memory, "profile": profile, **raw}, section(rows, profile, meta)
+    )
 
 
 NOTES = """\
@@ -516,10 +534,10 @@ Notes:
   threshold-scaling section times it alone) and the soft threshold and rescale in the forward (`clamp`,
   `sub`, `mul`: three passes). Both scale with the weights, not with batch or input size: the same
   absolute cost would be well under 1 % of a step at 224x224.
-- STR: before this benchmark, its forward `w - clamp(w, -g, g)` ran under plain autograd, whose clamp
-  backward with tensor bounds made the reparameterization's forward + backward cost about 0.3 s per step
-  here, against 0.1 s now (STR measured 1.27x dense in a short run of this script). It now has a
-  hand-written backward giving the gradients of `sign(w) * relu(|w| - g)` (see the CHANGELOG).
+- STR: under plain autograd, the clamp backward with tensor bounds of its forward `w - clamp(w, -g, g)`
+  makes the reparameterization's forward + backward cost about 0.3 s per step here (1.27x dense in a
+  short run of this script), against 0.1 s with the hand-written backward it uses, which gives the same
+  gradients of `sign(w) * relu(|w| - g)`.
 - ModelPruning has no per-step setting: it prunes in `on_train_epoch_end` (or `on_validation_epoch_end`).
   The one-batch epochs here make it prune after every step with its own code. "Between prunes" is its
   usual step: a forward pre-hook multiplies `weight_orig` by a float mask. Its memory holds `weight_orig`,

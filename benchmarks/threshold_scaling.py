@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 import torchvision
-from common import command_line, machine, machine_line, markdown_table, publish, reset_peak_rss, rss_mib
 from torch import nn
 
+from common import command_line, machine, machine_line, markdown_table, publish, reset_peak_rss, rss_mib
 from lightning_sparse.layers import select_layers
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 
@@ -130,9 +130,9 @@ def linear_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, fl
     """Least-squares `y = slope * x + intercept` and its R²."""
     mx, my = statistics.mean(x), statistics.mean(y)
     sxx = sum((a - mx) ** 2 for a in x)
-    slope = sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sxx
     intercept = my - slope * mx
-    residual = sum((b - slope * a - intercept) ** 2 for a, b in zip(x, y))
+    residual = sum((b - slope * a - intercept) ** 2 for a, b in zip(x, y, strict=True))
     total = sum((b - my) ** 2 for b in y)
     return slope, intercept, 1.0 - residual / total
 
@@ -174,8 +174,8 @@ def section(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             "",
             machine_line(meta["machine_before"], meta["machine_after"]),
             "",
-            f"One `update_thresholds` at {SPARSITY:.0%} sparsity (global quantile, masks, channel rescale) over ResNet-50's "
-            "conv and fc shapes with channel widths scaled to each size; median of "
+            f"One `update_thresholds` at {SPARSITY:.0%} sparsity (global quantile, masks, channel rescale) over "
+            "ResNet-50's conv and fc shapes with channel widths scaled to each size; median of "
             f"{meta['repeats']} calls, {meta['threads']} torch threads, one fresh process per size. Peak memory: "
             "what the first update took above the weights and ST-3's buffers (mask, 1 byte per weight, and "
             "per-channel scales: the 'ST-3 state' column). SGD step: momentum + weight decay over the same "

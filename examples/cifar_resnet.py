@@ -16,10 +16,11 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 import torchvision
-from sparsity_args import add_sparsity_args, make_callback
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
+
+from sparsity_args import add_sparsity_args, make_callback
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

@@ -18,7 +18,9 @@ StepOrFraction = int | float
 """An optimizer step (int) or a fraction of the run's optimizer steps (float in [0, 1])."""
 
 
-def check_real(name: str, value: Any, *, low: float = -math.inf, high: float = math.inf, high_open: bool = False) -> float:
+def check_real(
+    name: str, value: Any, *, low: float = -math.inf, high: float = math.inf, high_open: bool = False
+) -> float:
     """`value` as a Python float, if it is a finite real number in `[low, high]` (`[low, high)` with `high_open`).
 
     Example:
@@ -77,5 +79,7 @@ def check_step_or_fraction(name: str, value: Any) -> StepOrFraction:
         )
     fraction = float(value)
     if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"`{name}` as a fraction of training (float) must lie in [0, 1], got {value!r}; give a step as an int")
+        raise ValueError(
+            f"`{name}` as a fraction of training (float) must lie in [0, 1], got {value!r}; give a step as an int"
+        )
     return fraction

@@ -53,12 +53,11 @@ class SparsityCallback(Callback):
     `trainer.validate/test/predict(ckpt_path=...)` with this callback hardens it on the way in.
 
     Args:
-        method: A method object (`ST3(...)`, `STR(...)`), or a method's name: ``"st3"``,
-            ``"st3sigma"`` (ST-3 with width-normalised magnitudes) or ``"str"``, with its settings
-            given as the arguments below. See `lightning_sparse.methods` for each setting.
+        method: A method object (`ST3(...)`, `STR(...)`), or the name of one in the registry
+            `lightning_sparse.methods.METHODS`, with its settings given as the arguments below.
         target_sparsity, start, end, schedule, freeze_at, rescale: ST-3's settings (see `ST3`), with
-            the name form only.
-        s_init, threshold_decay: STR's settings (see `STR`), with the name form only.
+            a method name only.
+        s_init, threshold_decay: STR's settings (see `STR`), with a method name only.
         include: Module-name patterns or module types to sparsify (one, or a list), replacing the
             default (every Conv1d/2d/3d and Linear).
         exclude: Module-name patterns or module types to leave dense (one, or a list).
@@ -69,9 +68,7 @@ class SparsityCallback(Callback):
 
     Example:
         >>> from lightning_sparse import ST3
-        >>> SparsityCallback("st3", target_sparsity=0.9).method == SparsityCallback(ST3(0.9)).method
-        True
-        >>> trainer = pl.Trainer(callbacks=[SparsityCallback("st3", target_sparsity=0.9)])  # doctest: +SKIP
+        >>> trainer = pl.Trainer(callbacks=[SparsityCallback(ST3(target_sparsity=0.9))])  # doctest: +SKIP
     """
 
     def __init__(

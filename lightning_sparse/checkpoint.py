@@ -15,7 +15,7 @@ import io
 import re
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import lightning.pytorch as pl
 import torch
@@ -26,9 +26,16 @@ from torch import Tensor
 
 from lightning_sparse.methods import PARAMETRIZATIONS
 
-__all__ = ["changed_settings", "check_resume", "describe_changes", "harden_state_dict", "load_hardened", "read_checkpoint"]
+__all__ = [
+    "changed_settings",
+    "check_resume",
+    "describe_changes",
+    "harden_state_dict",
+    "load_hardened",
+    "read_checkpoint",
+]
 
-LightningModuleT = TypeVar("LightningModuleT", bound=pl.LightningModule)
+_LightningModuleT = TypeVar("_LightningModuleT", bound=pl.LightningModule)
 
 _REPARAMETERIZED_KEY = re.compile(r"(?P<layer>(?:.+\.)?)parametrizations\.weight\.(?P<entry>original|0\..+)")
 
@@ -81,7 +88,7 @@ def _effective_weight(entries: dict[str, Any]) -> Tensor | None:
     for parametrization_class in PARAMETRIZATIONS:
         parametrization = parametrization_class.from_state_dict(original, state)
         if parametrization is not None:
-            return parametrization(original)  # type: ignore[no-any-return]
+            return cast(Tensor, parametrization(original))
     return None
 
 
@@ -92,22 +99,25 @@ def read_checkpoint(path: _PATH, weights_only: bool | None = None) -> dict[str, 
 
     Example:
         >>> read_checkpoint("checkpoints/last.ckpt")["callbacks"]["SparsityCallback"]  # doctest: +SKIP
-        {'method': 'st3', 'target_sparsity': 0.9, 'start': 0.05, ..., 'layers': ['conv1', 'fc']}
+        {'method': ..., 'target_sparsity': 0.9, 'start': 0.05, ..., 'layers': ['conv1', 'fc']}
     """
+    checkpoint: dict[str, Any]
     fs, fs_path = url_to_fs(str(path))
     if isinstance(fs, LocalFileSystem):
-        return torch.load(fs_path, map_location="cpu", mmap=True, weights_only=weights_only)
+        checkpoint = torch.load(fs_path, map_location="cpu", mmap=True, weights_only=weights_only)
+        return checkpoint
     with fs.open(fs_path, "rb") as file:
-        return torch.load(file, map_location="cpu", weights_only=weights_only)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=weights_only)
+    return checkpoint
 
 
 def load_hardened(
-    module_class: type[LightningModuleT],
+    module_class: type[_LightningModuleT],
     checkpoint_path: _PATH,
     map_location: _MAP_LOCATION_TYPE = None,
     weights_only: bool | None = None,
     **kwargs: Any,
-) -> LightningModuleT:
+) -> _LightningModuleT:
     """`module_class.load_from_checkpoint(checkpoint_path, ...)` for a checkpoint saved during sparse training.
 
     Returns a plain `module_class` (no reparameterization, exact zeros in its sparse weights), as
@@ -132,8 +142,8 @@ def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> di
     """The entries of `current` that differ in `saved`, as ``{name: (saved value, current value)}``.
 
     Example:
-        >>> changed_settings({"method": "st3", "rescale": True}, {"method": "str", "rescale": True})
-        {'method': ('st3', 'str')}
+        >>> changed_settings({"method": "a", "rescale": True}, {"method": "b", "rescale": True})
+        {'method': ('a', 'b')}
     """
     return {name: (saved.get(name), value) for name, value in current.items() if saved.get(name) != value}
 
@@ -166,13 +176,13 @@ def check_resume(
     the other changed settings (target, schedule, ...), which a resume may change.
 
     Example:
-        >>> check_resume({"method": "st3", "end": 0.5}, {"method": "st3", "end": 0.8}, must_keep={"method"})
+        >>> check_resume({"method": "a", "end": 0.5}, {"method": "a", "end": 0.8}, must_keep={"method"})
         {'end': (0.5, 0.8)}
-        >>> check_resume({"method": "st3"}, {"method": "str"}, must_keep={"method"})  # doctest: +ELLIPSIS
+        >>> check_resume({"method": "a"}, {"method": "b"}, must_keep={"method"})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         ValueError: it was saved under a different sparsity reparameterization:
-        - method: 'st3' in the checkpoint, 'str' here
+        - method: 'a' in the checkpoint, 'b' here
         Resume with the checkpoint's settings, or start a new sparse run from its weights: ...
     """
     if saved is None:

@@ -13,16 +13,16 @@ from lightning_sparse.methods.base import original_weight
 
 __all__ = ["harden"]
 
-ModuleT = TypeVar("ModuleT", bound=nn.Module)
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
 
 
 @torch.no_grad()
-def harden(module: ModuleT) -> ModuleT:
+def harden(module: _ModuleT) -> _ModuleT:
     """Write the effective sparse weights into the plain parameters and drop the reparameterizations.
 
     In place; returns `module`. Afterwards every layer has its original class, its `weight` is an
-    ordinary parameter (the same object the optimizer held) with exact zeros, STR's shrink and
-    ST-3's rescale are baked in, thresholds and masks are gone, and `state_dict()` keys equal the
+    ordinary parameter (the same object the optimizer held) with exact zeros, the method's shrink
+    and rescale are baked in, thresholds and masks are gone, and `state_dict()` keys equal the
     unmodified model's. A model without lightning-sparse reparameterizations is returned as is.
 
     Example:

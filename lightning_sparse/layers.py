@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_sparse.methods.base import SparseLayers, SparseParametrization
+from lightning_sparse.methods.base import SparseLayers, SparseParametrization, weight_parametrizations
 
 __all__ = [
     "SPARSIFIABLE_TYPES",
@@ -103,7 +103,7 @@ def sparsity_parametrizations(model: nn.Module) -> SparseLayers:
     found = {}
     for name, module in model.named_modules():
         if parametrize.is_parametrized(module, "weight"):
-            for p in module.parametrizations.weight:  # type: ignore[union-attr]
+            for p in weight_parametrizations(module):
                 if isinstance(p, SparseParametrization):
                     found[name] = (module, p)
     return found
@@ -126,13 +126,13 @@ def parametrize_layers(layers: Mapping[str, nn.Module], make: Callable[[Tensor],
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(
                 f"layer {name!r} already has a parametrization on its weight "
-                f"({type(module.parametrizations.weight[0]).__name__}); exclude it with `exclude=[{name!r}]`"
+                f"({type(weight_parametrizations(module)[0]).__name__}); exclude it with `exclude=[{name!r}]`"
             )
     shared: dict[int, nn.Module] = {}
     done: list[nn.Module] = []
     try:
         for module in layers.values():
-            weight = module.weight
+            weight = cast(Tensor, module.weight)
             if id(weight) not in shared:
                 shared[id(weight)] = make(weight)
             parametrize.register_parametrization(module, "weight", shared[id(weight)])

@@ -36,7 +36,8 @@ STEP_KEY = "trainer/global_step"
 """The x-axis WandbLogger writes with every row; our keys are plotted against it."""
 KEY_PREFIXES = ("sparsity", "layer_sparsity", "flops", "threshold")
 PLOT_FILE = "sparsity_budget.png"
-TABLE_COLUMNS = ["layer", "shape", "params", "nonzeros", "density", "dense_flops", "sparse_flops"]
+# Typed as `wandb.Table` takes its columns.
+_TABLE_COLUMNS: list[str | int] = ["layer", "shape", "params", "nonzeros", "density", "dense_flops", "sparse_flops"]
 
 
 class SparsityReport:
@@ -95,7 +96,8 @@ class SparsityReport:
         if self._dense is None:
             # Every rank runs the forward: a sharded model needs all of them in it.
             self._dense = _measure_dense_flops(trainer, pl_module, batch)
-        every = self.every_n_steps or trainer.log_every_n_steps
+        # Set on the Trainer by Lightning's logger connector, outside the class body its type comes from.
+        every = self.every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]
         if trainer.global_step % every or not trainer.is_global_zero:
             return
         metrics = {**_metrics(sparse_stats(pl_module, self._dense), layers), **method_metrics()}
@@ -156,7 +158,15 @@ def _metrics(stats: Sequence[LayerStats], layers: SparseLayers) -> dict[str, flo
 
 def _table_rows(stats: Sequence[LayerStats]) -> list[list[Any]]:
     return [
-        [s.name or "(root)", "x".join(map(str, s.shape)), s.params, s.nonzeros, s.density, s.dense_flops, s.sparse_flops]
+        [
+            s.name or "(root)",
+            "x".join(map(str, s.shape)),
+            s.params,
+            s.nonzeros,
+            s.density,
+            s.dense_flops,
+            s.sparse_flops,
+        ]
         for s in stats
     ]
 
@@ -164,9 +174,11 @@ def _table_rows(stats: Sequence[LayerStats]) -> list[list[Any]]:
 def _log_wandb_budget(logger: WandbLogger, stats: Sequence[LayerStats], step: int) -> None:
     import wandb  # here, not at the top: only runs with a WandbLogger pay for importing it
 
-    table = wandb.Table(columns=TABLE_COLUMNS, data=_table_rows(stats))
+    table = wandb.Table(columns=_TABLE_COLUMNS, data=_table_rows(stats))
     chart = wandb.plot.bar(table, "layer", "density", title="Density per layer")
-    logger.log_metrics({"sparsity/budget": table, "sparsity/budget_chart": chart}, step=step)
+    # `log_metrics` is annotated `Mapping[str, float]`, but WandbLogger logs any W&B object this way
+    # (its own `log_table` passes a `wandb.Table` to it).
+    logger.log_metrics({"sparsity/budget": table, "sparsity/budget_chart": chart}, step=step)  # type: ignore[dict-item]
 
 
 def _print_table(stats: Sequence[LayerStats], sparsified: set[str]) -> None:
@@ -177,7 +189,7 @@ def _print_table(stats: Sequence[LayerStats], sparsified: set[str]) -> None:
     table.add_column("Shape")
     for column in ("Params", "Non-zeros", "Sparsity", "Dense FLOPs", "Sparse FLOPs"):
         table.add_column(column, justify="right")
-    for s, (name, shape, params, nonzeros, density, dense, sparse) in zip(stats, _table_rows(stats)):
+    for s, (name, shape, params, nonzeros, density, dense, sparse) in zip(stats, _table_rows(stats), strict=True):
         marker = "" if s.name in sparsified else " *"
         table.add_row(
             name + marker, shape, f"{params:,}", f"{nonzeros:,}", f"{1 - density:.2%}", f"{dense:,}", f"{sparse:,}"

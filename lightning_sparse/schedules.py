@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from typing_extensions import override
+
 from lightning_sparse.arguments import check_real
 
 __all__ = ["ConstantSchedule", "CubicSchedule", "LinearSchedule", "Schedule"]
@@ -90,5 +92,6 @@ class CubicSchedule(LinearSchedule):
         0.7875
     """
 
+    @override
     def sparsity_at(self, step: int) -> float:
         return self.final * (1.0 - (1.0 - self.progress(step)) ** 3)

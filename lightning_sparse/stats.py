@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -111,7 +111,7 @@ def sparse_stats(module: nn.Module, dense: Mapping[str, int]) -> list[LayerStats
     weights, counts = {}, []
     for name, (layer, parametrization) in layers.items():
         if parametrization is None:
-            weights[name] = layer.weight.detach()
+            weights[name] = cast(Tensor, layer.weight).detach()
             counts.append(torch.count_nonzero(weights[name]))
         else:
             # `layer.weight` would recompute the effective weight; the mask is cheap.
@@ -121,7 +121,7 @@ def sparse_stats(module: nn.Module, dense: Mapping[str, int]) -> list[LayerStats
     nonzeros = torch.stack(counts).tolist() if counts else []
     return [
         LayerStats(name, tuple(weight.shape), weight.numel(), nz, dense.get(name, 0))
-        for (name, weight), nz in zip(weights.items(), nonzeros)
+        for (name, weight), nz in zip(weights.items(), nonzeros, strict=True)
     ]
 
 

@@ -40,7 +40,7 @@ def global_magnitude_threshold(
     if stride < 2:
         return _kth_smallest(magnitudes, scales, k)
 
-    sample = torch.cat([m.flatten()[::stride].float() * s for m, s in zip(magnitudes, scales)])
+    sample = torch.cat([m.flatten()[::stride].float() * s for m, s in zip(magnitudes, scales, strict=True)])
     m = sample.numel()
     q = k / total
     # A 5-sigma binomial margin: the bracket misses the true quantile about once in a million calls,
@@ -49,13 +49,13 @@ def global_magnitude_threshold(
     lo_rank, hi_rank = math.floor((q - margin) * m), math.ceil((q + margin) * m)
     lo = sample.kthvalue(lo_rank).values.item() if lo_rank >= 1 else -math.inf
     hi = sample.kthvalue(hi_rank).values.item() if hi_rank <= m else math.inf
-    below = sum(int(torch.count_nonzero(mag < lo / s)) for mag, s in zip(magnitudes, scales))
-    inside = [mag[(mag >= lo / s) & (mag <= hi / s)] for mag, s in zip(magnitudes, scales)]
+    below = sum(int(torch.count_nonzero(mag < lo / s)) for mag, s in zip(magnitudes, scales, strict=True))
+    inside = [mag[(mag >= lo / s) & (mag <= hi / s)] for mag, s in zip(magnitudes, scales, strict=True)]
     if below < k <= below + sum(x.numel() for x in inside):
         return _kth_smallest(inside, scales, k - below)
     return _kth_smallest(magnitudes, scales, k)
 
 
 def _kth_smallest(values: Sequence[Tensor], scales: Sequence[float], k: int) -> float:
-    flat = torch.cat([v.flatten().float() * s for v, s in zip(values, scales)])
+    flat = torch.cat([v.flatten().float() * s for v, s in zip(values, scales, strict=True)])
     return flat.kthvalue(k).values.item()

@@ -10,12 +10,20 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import ParametrizationList
 from typing_extensions import Self
 
-__all__ = ["SparseLayers", "SparseParametrization", "SparsityMethod", "distinct_weights", "original_weight"]
+__all__ = [
+    "SparseLayers",
+    "SparseParametrization",
+    "SparsityMethod",
+    "distinct_weights",
+    "original_weight",
+    "weight_parametrizations",
+]
 
 
 class SparseParametrization(nn.Module, ABC):
@@ -36,9 +44,15 @@ SparseLayers = Mapping[str, tuple[nn.Module, SparseParametrization]]
 """Sparsified layers by qualified name, each with the parametrization on its `weight`."""
 
 
+def weight_parametrizations(module: nn.Module) -> ParametrizationList:
+    """The parametrizations registered on `module.weight` (`module.parametrizations.weight`)."""
+    # `nn.Module.__getattr__` is typed `Tensor | Module`; `register_parametrization` made these two.
+    return cast(ParametrizationList, cast(nn.ModuleDict, module.parametrizations).weight)
+
+
 def original_weight(module: nn.Module) -> Tensor:
     """The raw, trainable weight under a reparameterization."""
-    return module.parametrizations.weight.original  # type: ignore[union-attr,return-value]
+    return weight_parametrizations(module).original
 
 
 def distinct_weights(layers: SparseLayers) -> list[tuple[SparseParametrization, Tensor]]:
@@ -88,7 +102,7 @@ class SparsityMethod(ABC):
         """Adapt the user's optimizers once they exist; returns warnings for the user."""
         return []
 
-    def after_optimizer_step(self, step: int, layers: SparseLayers) -> None:
+    def after_optimizer_step(self, step: int, layers: SparseLayers) -> None:  # noqa: B027 (optional hook)
         """The method's work after optimizer step number `step` (1 after the first step)."""
 
     def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:

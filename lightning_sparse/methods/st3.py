@@ -6,11 +6,11 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from typing_extensions import Self
+from typing_extensions import Self, override
 
 from lightning_sparse.arguments import StepOrFraction, check_bool, check_real, check_step_or_fraction
 from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod, distinct_weights
@@ -19,24 +19,27 @@ from lightning_sparse.thresholds import global_magnitude_threshold
 
 __all__ = ["ST3", "StraightThroughSoftThreshold", "sigma_scale", "update_thresholds"]
 
-SCHEDULES: dict[str, type[LinearSchedule]] = {"cubic": CubicSchedule, "linear": LinearSchedule}
-SCHEDULE_NAMES = (*SCHEDULES, "constant")
+_SCHEDULES: dict[str, type[LinearSchedule]] = {"cubic": CubicSchedule, "linear": LinearSchedule}
+_SCHEDULE_NAMES = (*_SCHEDULES, "constant")
 
 
 class _SoftThresholdStraightThrough(torch.autograd.Function):
     """Forward: soft threshold and channel rescale. Backward: the identity, to every weight."""
 
     @staticmethod
-    def forward(weight: Tensor, threshold: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+    @override
+    def forward(weight: Tensor, threshold: Tensor, scale: Tensor) -> Tensor:
         shrunk = weight - weight.clamp(-threshold, threshold)
         return shrunk.mul_(scale.to(weight.dtype))
 
     @staticmethod
+    @override
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         pass
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+    @override
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         # Pruned weights keep receiving the full gradient, so they can come back at the next threshold.
         return grad, None, None
 
@@ -71,16 +74,19 @@ class StraightThroughSoftThreshold(SparseParametrization):
         scale_shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
         self.register_buffer("scale", torch.ones(scale_shape, dtype=torch.float32, device=weight.device))
 
+    @override
     def forward(self, weight: Tensor) -> Tensor:
         if self.frozen:
             return weight * self.mask
-        return _SoftThresholdStraightThrough.apply(weight, self.threshold, self.scale)  # type: ignore[no-any-return]
+        return cast(Tensor, _SoftThresholdStraightThrough.apply(weight, self.threshold, self.scale))
 
+    @override
     def keep_mask(self, weight: Tensor) -> Tensor:
         """Which entries of `weight` survive (the mask of the last update)."""
         return self.mask
 
     @classmethod
+    @override
     def from_state_dict(cls, original: Tensor, state: Mapping[str, Any]) -> Self | None:
         candidate = cls(original)
         if candidate.state_dict().keys() != state.keys():
@@ -108,9 +114,11 @@ class StraightThroughSoftThreshold(SparseParametrization):
         weight.copy_(self(weight))
         self.frozen = True
 
+    @override
     def get_extra_state(self) -> dict[str, bool]:
         return {"frozen": self.frozen}
 
+    @override
     def set_extra_state(self, state: dict[str, bool]) -> None:
         self.frozen = state["frozen"]
 
@@ -146,7 +154,7 @@ def update_thresholds(
     magnitudes = [w.detach().float().abs() for w in weights]
     scales = [sigma_scale(w) if sigma else 1.0 for w in weights]
     tau = global_magnitude_threshold(magnitudes, sparsity, scales)
-    for layer, magnitude, scale in zip(layers, magnitudes, scales):
+    for layer, magnitude, scale in zip(layers, magnitudes, scales, strict=True):
         layer.set_threshold(magnitude, tau / scale)
     return tau
 
@@ -196,16 +204,20 @@ class ST3(SparsityMethod):
     def __post_init__(self) -> None:
         checked: dict[str, Any] = {}
         if isinstance(self.schedule, str):
-            if self.schedule not in SCHEDULE_NAMES:
-                raise ValueError(f"`schedule` must be one of {', '.join(map(repr, SCHEDULE_NAMES))}, got {self.schedule!r}")
+            if self.schedule not in _SCHEDULE_NAMES:
+                raise ValueError(
+                    f"`schedule` must be one of {', '.join(map(repr, _SCHEDULE_NAMES))}, got {self.schedule!r}"
+                )
             if self.target_sparsity is None:
                 raise ValueError("`target_sparsity` is required: the final fraction of zeros, e.g. 0.9")
-            checked["target_sparsity"] = check_real("target_sparsity", self.target_sparsity, low=0.0, high=1.0, high_open=True)
+            checked["target_sparsity"] = check_real(
+                "target_sparsity", self.target_sparsity, low=0.0, high=1.0, high_open=True
+            )
             checked["start"] = check_step_or_fraction("start", 0.05 if self.start is None else self.start)
             checked["end"] = check_step_or_fraction("end", 0.5 if self.end is None else self.end)
         elif not callable(getattr(self.schedule, "sparsity_at", None)):
             raise TypeError(
-                f"`schedule` must be one of {', '.join(map(repr, SCHEDULE_NAMES))} or an object with a "
+                f"`schedule` must be one of {', '.join(map(repr, _SCHEDULE_NAMES))} or an object with a "
                 f"`sparsity_at(step)` method, got {self.schedule!r} ({type(self.schedule).__name__})"
             )
         else:
@@ -224,11 +236,15 @@ class ST3(SparsityMethod):
         _check_order(self.schedule, self.start, self.end, self.freeze_at)
 
     @property
+    @override
     def name(self) -> str:
         return "st3sigma" if self.sigma else "st3"
 
+    @override
     def for_run(self, total_steps: float) -> Self:
-        start, end, freeze_at = (_to_step(name, getattr(self, name), total_steps) for name in ("start", "end", "freeze_at"))
+        start, end, freeze_at = (
+            _to_step(name, getattr(self, name), total_steps) for name in ("start", "end", "freeze_at")
+        )
         _check_order(self.schedule, start, end, freeze_at, unit="step ")
         if not isinstance(self.schedule, str):
             return dataclasses.replace(self, freeze_at=freeze_at)
@@ -238,17 +254,20 @@ class ST3(SparsityMethod):
         if self.schedule == "constant":
             schedule = ConstantSchedule(self.target_sparsity, start)
         else:
-            schedule = SCHEDULES[self.schedule](self.target_sparsity, start, end)
+            schedule = _SCHEDULES[self.schedule](self.target_sparsity, start, end)
         return dataclasses.replace(
             self, schedule=schedule, target_sparsity=None, start=None, end=None, freeze_at=freeze_at
         )
 
+    @override
     def parametrization(self, weight: Tensor) -> StraightThroughSoftThreshold:
         return StraightThroughSoftThreshold(weight, rescale=self.rescale)
 
+    @override
     def owns(self, parametrization: nn.Module) -> bool:
         return isinstance(parametrization, StraightThroughSoftThreshold) and parametrization.rescale == self.rescale
 
+    @override
     def after_optimizer_step(self, step: int, layers: SparseLayers) -> None:
         pairs = [(p, w) for p, w in distinct_weights(layers) if isinstance(p, StraightThroughSoftThreshold)]
         if any(p.frozen for p, _ in pairs):
@@ -259,6 +278,7 @@ class ST3(SparsityMethod):
             for p, weight in pairs:
                 p.freeze(weight)
 
+    @override
     def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:
         """``sparsity/target`` (the schedule's value) and ``sparsity/threshold`` (the global threshold)."""
         metrics = {"sparsity/target": self._schedule().sparsity_at(step)}

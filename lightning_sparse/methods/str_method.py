@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
-from typing_extensions import Self
+from typing_extensions import Self, override
 
 from lightning_sparse.arguments import check_real
 from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod, distinct_weights
@@ -26,16 +26,19 @@ class _SoftThreshold(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(weight: Tensor, g: Tensor) -> Tensor:  # type: ignore[override]
+    @override
+    def forward(weight: Tensor, g: Tensor) -> Tensor:
         # Two passes instead of four; a 0-dim threshold does not promote a bf16 weight.
         return weight - weight.clamp(-g, g)
 
     @staticmethod
+    @override
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
         ctx.save_for_backward(*inputs)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    @override
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
         weight, g = ctx.saved_tensors
         # Survivors (|w| > g) pass the gradient through unchanged and give g a gradient of -sign(w);
         # the others give nothing to either, ties included as relu'(0) = 0 (torch's clamp would
@@ -67,14 +70,17 @@ class LearnedSoftThreshold(SparseParametrization):
         """The current magnitude threshold `sigmoid(s)`."""
         return torch.sigmoid(self.s)
 
+    @override
     def forward(self, weight: Tensor) -> Tensor:
-        return _SoftThreshold.apply(weight, self.threshold())  # type: ignore[no-any-return]
+        return cast(Tensor, _SoftThreshold.apply(weight, self.threshold()))
 
+    @override
     def keep_mask(self, weight: Tensor) -> Tensor:
         """Which entries of `weight` survive the threshold."""
         return weight.detach().abs() > self.threshold().detach()
 
     @classmethod
+    @override
     def from_state_dict(cls, original: Tensor, state: Mapping[str, Any]) -> Self | None:
         if set(state) != {"s"}:
             return None
@@ -117,12 +123,15 @@ class STR(SparsityMethod):
             object.__setattr__(self, "threshold_decay", check_real("threshold_decay", self.threshold_decay, low=0.0))
 
     @property
+    @override
     def name(self) -> str:
         return "str"
 
+    @override
     def parametrization(self, weight: Tensor) -> LearnedSoftThreshold:
         return LearnedSoftThreshold(self.s_init)
 
+    @override
     def on_fit_start(self, layers: SparseLayers, optimizers: Sequence[Any], schedulers: Sequence[Any]) -> list[str]:
         """Give the thresholds `threshold_decay`; warns when nothing decays them or all is pruned already."""
         pairs = [(p, w) for p, w in distinct_weights(layers) if isinstance(p, LearnedSoftThreshold)]
@@ -144,15 +153,16 @@ class STR(SparsityMethod):
             if pairs and not any(bool(p.keep_mask(w).any()) for p, w in pairs):
                 warnings.append(
                     f"Every sparsified weight is at or under its STR threshold (sigmoid(s_init={self.s_init:g}) = "
-                    f"{torch.sigmoid(torch.tensor(self.s_init)).item():.3g}): the whole model is pruned and its weights get no "
-                    "gradient. Use a much lower `s_init`, e.g. -5 for short runs or -100 (the default)."
+                    f"{torch.sigmoid(torch.tensor(self.s_init)).item():.3g}): the whole model is pruned and its "
+                    "weights get no gradient. Use a much lower `s_init`, e.g. -5 for short runs or -100 (the default)."
                 )
         return warnings
 
+    @override
     def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:
         """``threshold/<layer name>``: each layer's threshold `sigmoid(s)`."""
         named = {name: p for name, (_, p) in layers.items() if isinstance(p, LearnedSoftThreshold)}
         if not named:
             return {}
         values = torch.stack([p.threshold().detach().float() for p in named.values()]).tolist()
-        return {f"threshold/{name}": value for name, value in zip(named, values)}
+        return {f"threshold/{name}": value for name, value in zip(named, values, strict=True)}
