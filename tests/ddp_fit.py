@@ -1,5 +1,8 @@
 """Two-process CPU DDP fits (gloo) for tests/test_scale.py; run as `python tests/ddp_fit.py OUT_DIR`.
 
+`models` is found as a script's neighbour (Python puts the script's folder first on the path), and
+test_scale.py also passes PYTHONPATH=tests, as pytest's `pythonpath` does for the tests.
+
 Lightning's DDP launcher re-runs this script for rank 1, so it must be a script, not a test.
 Each rank saves its model's state_dict after each fit (not hardened, so masks and thresholds are
 there to compare) as OUT_DIR/<method>_rank<r>.pt.
@@ -14,10 +17,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
-sys.path.insert(0, str(Path(__file__).parent))
-from models import TinyNet, make_trainer  # noqa: E402
-
-from lightning_sparse import SparsityCallback  # noqa: E402
+from lightning_sparse import SparsityCallback
+from models import TinyNet, make_trainer
 
 RUNS = {
     "st3": (SparsityCallback("st3", 0.7, start=0, end=4, harden_on_fit_end=False), 5e-4),

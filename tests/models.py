@@ -1,7 +1,8 @@
-"""A tiny LightningModule with its own data, shared by the resume, scale and lifecycle tests.
+"""The one tiny LightningModule of the test suite, with its own data, and its variants for special shapes.
 
 Small enough that a few epochs take well under a second on one CPU core, yet it has a Conv1d and a
-Linear so both kinds of sparsified layer are exercised.
+Linear so both kinds of sparsified layer are exercised. Also the helpers the tests share: a quiet
+CPU Trainer, copies of a model's tensors and the check that a refused run left a model untouched.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_sparse.layers import sparsity_parametrizations
+
 SAMPLES, LENGTH, BATCH = 64, 8, 8  # 8 optimizer steps per epoch
+N_WEIGHTS = 4 * 1 * 3 + 2 * 4 * LENGTH  # TinyNet's conv and fc weights: 12 + 64 = 76
 
 
 class TinyNet(pl.LightningModule):
@@ -92,3 +96,53 @@ def make_trainer(root: Path, **kwargs: Any) -> pl.Trainer:
 def model_tensors(module: nn.Module) -> dict[str, Tensor]:
     """A detached copy of `module.state_dict()`, to compare models before and after something."""
     return {name: value.detach().clone() for name, value in module.state_dict().items() if isinstance(value, Tensor)}
+
+
+def zeros(*weights: Tensor) -> int:
+    """How many entries of `weights` are exactly zero."""
+    return sum(int((w == 0).sum()) for w in weights)
+
+
+def assert_untouched(model: nn.Module, before: dict[str, Tensor]) -> None:
+    """`model` holds no reparameterization and exactly the tensors of `before` (from `model_tensors`)."""
+    after = model_tensors(model)
+    assert not sparsity_parametrizations(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+class BatchNormNet(TinyNet):
+    """TinyNet with a wider conv, a BatchNorm and a hidden linear layer."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.conv = nn.Conv1d(1, 16, 3, padding=1)
+        self.bn = nn.BatchNorm1d(16)
+        self.hidden = nn.Linear(16 * LENGTH, 32)
+        self.fc = nn.Linear(32, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.relu(self.hidden(torch.relu(self.bn(self.conv(x))).flatten(1))))
+
+
+class TiedNet(TinyNet):
+    """TinyNet behind two Linear(8, 8) layers that share one weight Parameter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(LENGTH, LENGTH)
+        self.b = nn.Linear(LENGTH, LENGTH)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(self.b(torch.relu(self.a(x))))
+
+
+class NoLayers(TinyNet):
+    """Nothing to sparsify: an Identity and a BatchNorm (whose weight is not a conv/linear weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Identity(), nn.BatchNorm1d(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x).flatten(1)[:, :2]

@@ -7,17 +7,18 @@ from typing import Any
 
 import fsspec
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from models import TinyNet, make_trainer, model_tensors
 from torch import nn
 
-from lightning_sparse import SparsityCallback, harden, harden_state_dict, load_hardened
-from lightning_sparse.checkpoint import check_resume, read_checkpoint
+from lightning_sparse import ST3, SparsityCallback, harden, harden_state_dict, load_hardened
+from lightning_sparse.checkpoint import changed_settings, check_resume, describe_changes, read_checkpoint
 from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_parametrizations
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
+from models import N_WEIGHTS, TinyNet, make_trainer, model_tensors, zeros
 
 EPOCHS = 4  # 8 optimizer steps each
 STR_ARGS: dict[str, Any] = {"method": "str", "s_init": -3.0, "threshold_decay": 0.05}
@@ -150,7 +151,8 @@ def mid_run_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, P
     for args in (STR_ARGS, UNFROZEN_ST3_ARGS):
         root = tmp_path_factory.mktemp(args["method"])
         saver = ModelCheckpoint(dirpath=root, filename="mid")
-        trainer = make_trainer(root, max_epochs=1, enable_checkpointing=True, callbacks=[SparsityCallback(**args), saver])
+        callbacks = [SparsityCallback(**args), saver]
+        trainer = make_trainer(root, max_epochs=1, enable_checkpointing=True, callbacks=callbacks)
         trainer.fit(TinyNet())
         paths[args["method"]] = root / "mid.ckpt"
     return paths
@@ -178,9 +180,8 @@ def test_resume_from_a_dense_checkpoint_is_refused_with_the_way_to_start_from_it
     trainer = make_trainer(tmp_path, max_epochs=1)
     trainer.fit(TinyNet())
     trainer.save_checkpoint(tmp_path / "dense.ckpt")
-    _fit_refused(
-        tmp_path, tmp_path / "dense.ckpt", SparsityCallback(**ST3_ARGS), r"no SparsityCallback state.*load_from_checkpoint"
-    )
+    refusal = r"no SparsityCallback state.*load_from_checkpoint"
+    _fit_refused(tmp_path, tmp_path / "dense.ckpt", SparsityCallback(**ST3_ARGS), refusal)
 
 
 def test_resume_with_a_changed_schedule_warns_and_continues(
@@ -188,7 +189,8 @@ def test_resume_with_a_changed_schedule_warns_and_continues(
 ) -> None:
     model = TinyNet()
     callback = SparsityCallback(**{**UNFROZEN_ST3_ARGS, "target_sparsity": 0.5}, harden_on_fit_end=False)
-    with pytest.warns(UserWarning, match=r"differ from the checkpoint's.*\n- target_sparsity: 0.8 in the checkpoint, 0.5"):
+    changed = r"differ from the checkpoint's.*\n- target_sparsity: 0.8 in the checkpoint, 0.5"
+    with pytest.warns(UserWarning, match=changed):
         make_trainer(tmp_path, callbacks=[callback]).fit(model, ckpt_path=mid_run_checkpoints["st3"])
     weights = [model.conv.weight, model.fc.weight]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
@@ -211,7 +213,7 @@ def test_sparse_training_starts_from_a_dense_pretrained_checkpoint(tmp_path: Pat
 
     assert model.hparams.lr == 0.05
     assert torch.equal(spy.fc, pretrained["fc.weight"])
-    assert int((model.fc.weight == 0).sum()) + int((model.conv.weight == 0).sum()) == round(0.75 * 76)
+    assert zeros(model.fc.weight, model.conv.weight) == round(0.75 * N_WEIGHTS)
 
 
 # ------------------------------------------------------------------------- plain PyTorch, no Trainer
@@ -279,9 +281,52 @@ def test_read_checkpoint_reads_local_and_fsspec_paths(tmp_path: Path) -> None:
 
 def test_check_resume_says_what_differs() -> None:
     saved = {"method": "st3", "target_sparsity": 0.9, "rescale": True, "layers": ["a", "b"]}
-    assert check_resume(saved, dict(saved)) == {}
-    assert check_resume(saved, {**saved, "target_sparsity": 0.8}) == {"target_sparsity": (0.9, 0.8)}
-    with pytest.raises(ValueError, match=r"- rescale: True in the checkpoint, False here\n- layers: only here: \['c'\]"):
-        check_resume(saved, {**saved, "rescale": False, "layers": ["a", "b", "c"]})
-    with pytest.raises(ValueError, match="no SparsityCallback state"):
-        check_resume(None, saved)
+    must_keep = {"method", "layers", "rescale"}
+    assert check_resume(saved, dict(saved), must_keep) == {}
+    assert check_resume(saved, {**saved, "target_sparsity": 0.8}, must_keep) == {"target_sparsity": (0.9, 0.8)}
+    with pytest.raises(
+        ValueError,
+        match=r"different sparsity reparameterization:\n- rescale: True in the checkpoint, False here\n"
+        r"- layers: only here: \['c'\]\nResume with the checkpoint's settings, or start a new sparse run",
+    ):
+        check_resume(saved, {**saved, "rescale": False, "layers": ["a", "b", "c"], "target_sparsity": 0.8}, must_keep)
+    # What may change is the caller's choice: the same difference refused or let through.
+    assert check_resume(saved, {**saved, "rescale": False}, {"method"}) == {"rescale": (True, False)}
+    with pytest.raises(ValueError, match=r"no SparsityCallback state.*load_from_checkpoint"):
+        check_resume(None, saved, must_keep)
+
+
+def test_changed_settings_and_their_description() -> None:
+    saved = {"method": "st3", "end": 0.5, "layers": ["conv", "fc"]}
+    current = {"method": "st3", "end": 0.8, "layers": ["fc", "head"], "freeze_at": 0.9}
+    changes = changed_settings(saved, current)
+    assert changes == {"end": (0.5, 0.8), "layers": (["conv", "fc"], ["fc", "head"]), "freeze_at": (None, 0.9)}
+    assert describe_changes(changes).splitlines() == [
+        "- end: 0.5 in the checkpoint, 0.8 here",
+        "- layers: only in the checkpoint: ['conv']; only here: ['head']",
+        "- freeze_at: None in the checkpoint, 0.9 here",
+    ]
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [
+        lambda: SparsityCallback("st3", np.linspace(0.5, 0.9, 3)[1], start=np.int64(0), end=np.int64(4)),
+        lambda: SparsityCallback(
+            ST3(np.float32(0.7), start=np.int64(0), end=np.float64(0.25), freeze_at=np.float32(0.5))
+        ),
+    ],
+    ids=["name", "object"],
+)
+def test_numpy_settings_are_saved_as_python_numbers_so_the_checkpoint_loads_weights_only(
+    tmp_path: Path, callback: Any
+) -> None:
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="sparse")
+    make_trainer(tmp_path, enable_checkpointing=True, callbacks=[callback(), saver]).fit(TinyNet())
+
+    checkpoint = torch.load(tmp_path / "sparse.ckpt", weights_only=True)  # refuses numpy scalars
+    state = checkpoint["callbacks"]["SparsityCallback"]
+    assert type(state["target_sparsity"]) is float and state["target_sparsity"] == pytest.approx(0.7)
+    assert type(state["start"]) is int and type(state["end"]) in (int, float)
+    loaded = load_hardened(TinyNet, tmp_path / "sparse.ckpt")  # `weights_only` left to its default
+    assert zeros(loaded.conv.weight, loaded.fc.weight) == round(state["target_sparsity"] * N_WEIGHTS)

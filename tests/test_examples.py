@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
+from mnist1d_sparse import parse_args, run  # examples/ is on pytest's `pythonpath`
 
-from mnist1d_sparse import parse_args, run  # noqa: E402
+EXAMPLES = Path(__file__).parents[1] / "examples"
 
 
 def test_str_prunes_the_mnist1d_model_with_its_documented_settings(tmp_path, capsys):

@@ -1,8 +1,7 @@
-"""Trainer lifecycles around fit, unusual models, bad arguments, and configuration from LightningCLI."""
+"""Trainer lifecycles around fit, tied weights, and configuration from LightningCLI (string and object forms)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -10,24 +9,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
-from models import TinyNet, make_trainer, model_tensors
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_sparse import CubicSchedule, SparsityCallback, harden
+from lightning_sparse import ST3, CubicSchedule, LinearSchedule, SparsityCallback, harden
 from lightning_sparse.layers import sparsity_parametrizations
+from models import N_WEIGHTS, TiedNet, TinyNet, assert_untouched, make_trainer, model_tensors, zeros
 
-N_WEIGHTS = 12 + 64  # TinyNet's conv and fc weights
 EXAMPLE_CONFIG = Path(__file__).parents[1] / "examples" / "sparse_cli.yaml"
-
-
-def zeros(*weights: Tensor) -> int:
-    return sum(int((w == 0).sum()) for w in weights)
-
-
-def assert_untouched(model: nn.Module, before: dict[str, Tensor]) -> None:
-    after = model_tensors(model)
-    assert not sparsity_parametrizations(model)
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
 @pytest.mark.parametrize("harden_on_fit_end", [True, False])
@@ -93,33 +81,6 @@ def test_max_steps_instead_of_max_epochs(tmp_path: Path) -> None:
     assert steps == [round(CubicSchedule(0.5, 0, 6).sparsity_at(step) * N_WEIGHTS) for step in range(1, 13)]
 
 
-@pytest.mark.parametrize(
-    ("args", "named"), [({}, "start"), ({"start": 0, "end": 0.5}, "end"), ({"start": 0, "end": 5, "freeze_at": 0.9}, "freeze_at")]
-)
-def test_unknown_run_length_with_fractions_is_refused_at_setup(
-    tmp_path: Path, args: dict[str, Any], named: str
-) -> None:
-    model = TinyNet()
-    before = model_tensors(model)
-    trainer = make_trainer(tmp_path, max_epochs=-1, callbacks=[SparsityCallback("st3", 0.5, **args)])
-    with pytest.raises(ValueError, match=rf"`{named}=0\.\d+` is a fraction of training.*set `max_steps`"):
-        trainer.fit(model)
-    assert_untouched(model, before)
-
-
-class TiedNet(TinyNet):
-    """TinyNet behind two Linear(8, 8) layers that share one weight Parameter."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = nn.Linear(8, 8)
-        self.b.weight = self.a.weight
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(self.b(torch.relu(self.a(x))))
-
-
 def test_tied_weights_are_sparsified_once_and_stay_tied(tmp_path: Path) -> None:
     model = TiedNet()
     shared = model.a.weight
@@ -140,72 +101,11 @@ def test_tied_weights_are_sparsified_once_and_stay_tied(tmp_path: Path) -> None:
     assert not TiedNet().load_state_dict(model.state_dict(), strict=True).missing_keys
 
 
-class NoLayers(TinyNet):
-    """Nothing to sparsify: an Identity and a BatchNorm (whose weight is not a conv/linear weight)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.fc = nn.Identity(), nn.BatchNorm1d(1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(x).flatten(1)[:, :2]
-
-
-@pytest.mark.parametrize(
-    ("model_class", "args", "match"),
-    [
-        (NoLayers, {}, r"NoLayers has no layer to sparsify: no Conv1d/2d/3d or Linear"),
-        (TinyNet, {"exclude": ["classifier"]}, r"`exclude` entry 'classifier' matches no module.*are: conv, fc"),
-        (TinyNet, {"include": ["encoder.*"]}, r"`include` entry 'encoder.\*' matches no module"),
-        (TinyNet, {"include": [nn.Conv2d]}, r"`include` entry <class 'torch.nn.modules.conv.Conv2d'> matches no"),
-        (TinyNet, {"start": 0.9, "end": 3}, r"`end` \(step 3\) must come after `start` \(step 14\)"),
-    ],
-    ids=["no-layers", "exclude-typo", "include-typo", "include-type", "end-before-start-mixed"],
-)
-def test_setup_refuses_what_cannot_be_checked_earlier_and_leaves_the_model_untouched(
-    tmp_path: Path, model_class: type[TinyNet], args: dict[str, Any], match: str
-) -> None:
-    model = model_class()
-    before = model_tensors(model)
-    with pytest.raises(ValueError, match=match):
-        make_trainer(tmp_path, callbacks=[SparsityCallback("st3", 0.5, **args)]).fit(model)
-    assert_untouched(model, before)
-
-
-@pytest.mark.parametrize(
-    ("args", "match"),
-    [
-        ({"method": "rigl"}, r"`method` must be one of 'st3', 'st3sigma', 'str', got 'rigl'"),
-        ({"method": "st3"}, r"`target_sparsity` must be a number in \[0, 1\)"),
-        ({"method": "st3", "target_sparsity": 1.0}, r"`target_sparsity` must be a number in \[0, 1\)"),
-        ({"method": "st3sigma", "target_sparsity": -0.1}, r"`target_sparsity` must be a number in \[0, 1\)"),
-        ({"method": "st3", "target_sparsity": math.nan}, r"`target_sparsity` must be a number in \[0, 1\)"),
-        ({"method": "str", "target_sparsity": 0.9}, r"`target_sparsity` does not apply to method='str'"),
-        ({"method": "st3", "target_sparsity": 0.9, "start": 10, "end": 5}, r"`end` \(5\) must come after `start`"),
-        ({"method": "st3", "target_sparsity": 0.9, "start": 0.5, "end": 0.2}, r"`end` \(0.2\) must come after"),
-        ({"method": "st3", "target_sparsity": 0.9, "end": 0.5, "freeze_at": 0.3}, r"`freeze_at` \(0.3\) must not"),
-        ({"method": "st3", "target_sparsity": 0.9, "start": -1}, r"`start` as a step must be >= 0"),
-        ({"method": "st3", "target_sparsity": 0.9, "end": 1.5}, r"`end` as a fraction of training must lie in"),
-        ({"method": "st3", "target_sparsity": 0.9, "start": "0.1"}, r"`start` must be an optimizer step \(int\)"),
-        ({"method": "st3", "target_sparsity": 0.9, "schedule": "exp"}, r"`schedule` must be one of 'cubic'"),
-        ({"method": "st3", "target_sparsity": 0.9, "s_init": -5.0}, r"`s_init` do\(es\) not apply to method='st3'"),
-        ({"method": "st3sigma", "target_sparsity": 0.9, "threshold_decay": 1e-4}, r"`threshold_decay` do\(es\) not"),
-        ({"method": "str", "start": 0.1, "rescale": False}, r"`start`, `rescale` do\(es\) not apply to method='str'"),
-        ({"method": "str", "schedule": "linear"}, r"`schedule` do\(es\) not apply to method='str'"),
-        ({"method": "str", "s_init": math.inf}, r"`s_init` must be a finite number"),
-        ({"method": "str", "threshold_decay": -1.0}, r"`threshold_decay` must be >= 0"),
-        ({"method": "str", "include": [3]}, r"`include` takes module-name patterns \(str\) or nn.Module subclasses"),
-        ({"method": "str", "exclude": [nn.functional.relu]}, r"`exclude` takes module-name patterns"),
-    ],
-)
-def test_bad_constructor_input_raises_naming_the_argument(args: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        SparsityCallback(**args)
-
-
 def test_lightning_cli_configures_the_callback_from_the_example_yaml(tmp_path: Path) -> None:
     def cli(*args: str) -> LightningCLI:
-        quiet = ["--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+        quiet = [
+            "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"
+        ]  # fmt: skip
         return LightningCLI(
             TinyNet,
             args=["fit", "--config", str(EXAMPLE_CONFIG), f"--trainer.default_root_dir={tmp_path}", *quiet, *args],
@@ -214,8 +114,9 @@ def test_lightning_cli_configures_the_callback_from_the_example_yaml(tmp_path: P
 
     first = cli("--trainer.max_epochs=2")
     (callback,) = [c for c in first.trainer.callbacks if isinstance(c, SparsityCallback)]
-    assert (callback.method, callback.target_sparsity, callback.exclude) == ("st3", 0.9, [])
-    assert callback.hparams == {"start": 0.05, "end": 0.5, "schedule": "cubic", "freeze_at": None, "rescale": True}
+    assert (callback.method.name, callback.method.target_sparsity, callback.exclude) == ("st3", 0.9, [])
+    assert callback.method == ST3(target_sparsity=0.9, start=0.05, end=0.5, schedule="cubic", freeze_at=None)
+    assert (callback.method.rescale, callback.method.sigma, callback.harden_on_fit_end) == (True, False, True)
     assert not sparsity_parametrizations(first.model)
     assert zeros(first.model.conv.weight, first.model.fc.weight) == round(0.9 * N_WEIGHTS)
 
@@ -225,12 +126,42 @@ def test_lightning_cli_configures_the_callback_from_the_example_yaml(tmp_path: P
     assert zeros(resumed.model.conv.weight, resumed.model.fc.weight) == round(0.9 * N_WEIGHTS)
 
 
-def test_lightning_cli_takes_module_types_and_name_patterns_in_filters(tmp_path: Path) -> None:
-    config = tmp_path / "filters.yaml"
+def _configured_callback(tmp_path: Path, init_args: str) -> SparsityCallback:
+    """The SparsityCallback a LightningCLI builds from `init_args` (YAML, indented for its place)."""
+    config = tmp_path / "config.yaml"
     config.write_text(
-        "trainer:\n  callbacks:\n    - class_path: lightning_sparse.SparsityCallback\n      init_args:\n"
-        "        method: str\n        include: [torch.nn.Conv1d, 'f*']\n        exclude: [torch.nn.Linear]\n"
+        "trainer:\n  callbacks:\n    - class_path: lightning_sparse.SparsityCallback\n      init_args:\n" + init_args
     )
     cli = LightningCLI(TinyNet, run=False, args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"])
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, SparsityCallback)]
+    return callback
+
+
+def test_lightning_cli_takes_module_types_and_name_patterns_in_filters(tmp_path: Path) -> None:
+    callback = _configured_callback(
+        tmp_path, "        method: str\n        include: [torch.nn.Conv1d, 'f*']\n        exclude: [torch.nn.Linear]\n"
+    )
     assert (callback.include, callback.exclude) == ([nn.Conv1d, "f*"], [nn.Linear])
+
+
+def test_lightning_cli_takes_a_method_object(tmp_path: Path) -> None:
+    callback = _configured_callback(
+        tmp_path,
+        "        method:\n"
+        "          class_path: lightning_sparse.ST3\n"
+        "          init_args: {target_sparsity: 0.8, freeze_at: 0.9}\n"
+        "        exclude: fc\n",
+    )
+    assert callback.method == ST3(target_sparsity=0.8, freeze_at=0.9)
+    assert callback.exclude == ["fc"]
+
+
+def test_lightning_cli_takes_a_schedule_object(tmp_path: Path) -> None:
+    callback = _configured_callback(
+        tmp_path,
+        "        method: st3\n"
+        "        schedule:\n"
+        "          class_path: lightning_sparse.LinearSchedule\n"
+        "          init_args: {final: 0.5, start: 0, end: 4}\n",
+    )
+    assert callback.method == ST3(schedule=LinearSchedule(final=0.5, start=0, end=4))

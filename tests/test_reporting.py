@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,39 +16,23 @@ import torch
 import wandb
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_sparse import SparsityCallback
 from lightning_sparse.reporting import PLOT_FILE
+from models import LENGTH, TinyNet, make_trainer
 from wandb_offline import history, read_records, run_file
 
-LAYERS = ("net.0", "net.3")
-DENSE_MACS = 8 * 1 * 3 * 16 + 8 * 16 * 4  # Conv1d: weights x 16 outputs; Linear: in x out
+TESTS = Path(__file__).parent
+LAYERS = ("conv", "fc")
+DENSE_MACS = 4 * 1 * 3 * LENGTH + 4 * LENGTH * 2  # Conv1d: 12 weights x 8 outputs; Linear: in x out = 96 + 64
 
 
-class TinyNet(pl.LightningModule):
-    def __init__(self, example_input: bool = False) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv1d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 4))
-        if example_input:
-            self.example_input_array = torch.zeros(1, 1, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-def _data() -> DataLoader:
-    generator = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(64, 1, 16, generator=generator), torch.randint(0, 4, (64,), generator=generator))
-    return DataLoader(data, batch_size=16)  # 4 steps an epoch
+def _tiny(example_input: bool = False) -> TinyNet:
+    """TinyNet with 4 optimizer steps an epoch; with `example_input`, FLOPs are measured on that, not on a batch."""
+    model = TinyNet(batch_size=16)
+    if example_input:
+        model.example_input_array = torch.zeros(1, 1, LENGTH)
+    return model
 
 
 def _fit(
@@ -59,18 +44,17 @@ def _fit(
     checkpoints: ModelCheckpoint | None = None,
     ckpt_path: str | None = None,
 ) -> None:
-    trainer = pl.Trainer(
+    trainer = make_trainer(
+        tmp_path,
+        max_epochs=-1,
         max_steps=steps,
         logger=logger,
         callbacks=[callback] + ([checkpoints] if checkpoints else []),
         enable_checkpointing=checkpoints is not None,
-        default_root_dir=tmp_path,
         log_every_n_steps=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     try:
-        trainer.fit(model, _data(), ckpt_path=ckpt_path)
+        trainer.fit(model, ckpt_path=ckpt_path)
     finally:
         # `finish` returns before wandb-core has written the whole run file; `teardown` waits for it.
         wandb.finish()
@@ -95,7 +79,7 @@ def test_wandb_offline_run_holds_sparsity_layer_and_flops_series_and_the_budget(
     callback = SparsityCallback("st3", target_sparsity=0.8, start=0, end=6)
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lightning-sparse-test")
     # No example_input_array: FLOPs are measured on the first element of the first batch.
-    _fit(tmp_path, callback, TinyNet(), steps=8, logger=logger)
+    _fit(tmp_path, callback, _tiny(), steps=8, logger=logger)
     records = read_records(run_file(str(tmp_path)))
     rows = history(records)
 
@@ -121,8 +105,9 @@ def test_wandb_offline_run_holds_sparsity_layer_and_flops_series_and_the_budget(
     assert table["columns"][:2] == ["layer", "shape"]
     assert [row[0] for row in table["data"]] == list(LAYERS)
     assert sum(row[table["columns"].index("dense_flops")] for row in table["data"]) == DENSE_MACS
-    (config,) = [r.config for r in records if r.WhichOneof("record_type") == "config"]
-    visualize = {"/".join(item.nested_key): json.loads(item.value_json) for item in config.update}
+    # Config records: TinyNet's hyperparameters, then the chart's panel.
+    configs = [r.config for r in records if r.WhichOneof("record_type") == "config"]
+    visualize = {"/".join(item.nested_key): json.loads(item.value_json) for c in configs for item in c.update}
     assert visualize["_wandb/visualize/sparsity/budget_chart"]["panel_config"]["panelDefId"] == "wandb/bar/v0"
 
     step_axes = {r.metric.glob_name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
@@ -136,13 +121,13 @@ def test_str_thresholds_and_the_step_axis_continue_after_a_resume(tmp_path: Path
     torch.manual_seed(0)
     first = WandbLogger(offline=True, save_dir=str(tmp_path / "first"), project="lightning-sparse-test")
     callback = SparsityCallback("str", s_init=-3.0, threshold_decay=1.0)
-    _fit(tmp_path, callback, TinyNet(example_input=True), 4, first, checkpoints=_checkpoints(tmp_path / "ckpt"))
+    _fit(tmp_path, callback, _tiny(example_input=True), 4, first, checkpoints=_checkpoints(tmp_path / "ckpt"))
     run_id = first.version
 
     resumed = WandbLogger(offline=True, save_dir=str(tmp_path / "resumed"), id=run_id, project="lightning-sparse-test")
     callback = SparsityCallback("str", s_init=-3.0, threshold_decay=1.0)
     last = str(tmp_path / "ckpt" / "last.ckpt")
-    model = TinyNet(example_input=True)
+    model = _tiny(example_input=True)
     _fit(tmp_path, callback, model, 8, resumed, checkpoints=_checkpoints(tmp_path / "ckpt2"), ckpt_path=last)
 
     records = read_records(run_file(str(tmp_path / "resumed")))
@@ -158,7 +143,7 @@ def test_str_thresholds_and_the_step_axis_continue_after_a_resume(tmp_path: Path
 def test_csv_logger_gets_the_series_every_n_steps(tmp_path: Path) -> None:
     callback = SparsityCallback("st3sigma", target_sparsity=0.5, start=0, end=4, log_every_n_steps=3)
     logger = CSVLogger(tmp_path)
-    _fit(tmp_path, callback, TinyNet(example_input=True), 7, logger=logger)
+    _fit(tmp_path, callback, _tiny(example_input=True), 7, logger=logger)
 
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
         rows = [row for row in csv.DictReader(f) if row["sparsity/global"]]
@@ -171,11 +156,11 @@ def test_csv_logger_gets_the_series_every_n_steps(tmp_path: Path) -> None:
 
 def test_without_a_logger_the_table_and_plot_still_appear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     callback = SparsityCallback("st3", target_sparsity=0.5, start=0, end=2)
-    _fit(tmp_path, callback, TinyNet(), 3, logger=False)
+    _fit(tmp_path, callback, _tiny(), 3, logger=False)
 
     assert (tmp_path / PLOT_FILE).stat().st_size > 0
     out = capsys.readouterr().out
-    assert "per-layer budget" in out and "net.3" in out
+    assert "per-layer budget" in out and re.search(r"\bfc\b.*\b2x32\b", out)  # the row of the last layer
 
 
 @pytest.mark.parametrize("every", [0, -1, 2.5, True])
@@ -189,31 +174,25 @@ import sys
 sys.modules["wandb"] = None  # as if not installed: `import wandb` raises ImportError
 import lightning.pytorch as pl, torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from lightning_sparse import SparsityCallback
+from models import TinyNet, make_trainer
 
-class Net(pl.LightningModule):  # no `forward`
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+class Net(TinyNet):  # no `forward`
+    forward = pl.LightningModule.forward
     def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        return nn.functional.cross_entropy(self.fc(torch.relu(self.conv(batch[0])).flatten(1)), batch[1])
 
-data = DataLoader(TensorDataset(torch.randn(16, 1, 16), torch.randint(0, 4, (16,))), batch_size=4)
 for logger in (False, pl.loggers.CSVLogger(sys.argv[1])):
     callback = SparsityCallback("st3", target_sparsity=0.5, start=0, end=2, log_every_n_steps=1)
-    trainer = pl.Trainer(max_steps=3, logger=logger, callbacks=[callback], default_root_dir=sys.argv[1],
-                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
-    trainer.fit(Net(), data)
+    make_trainer(sys.argv[1], max_epochs=-1, max_steps=3, logger=logger, callbacks=[callback]).fit(Net())
 print("fit done")
 """
 
 
 def test_works_without_wandb_installed(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
     result = subprocess.run(
-        [sys.executable, "-c", WITHOUT_WANDB, str(tmp_path)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", WITHOUT_WANDB, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert "fit done" in result.stdout and "per-layer budget" in result.stdout

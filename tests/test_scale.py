@@ -12,19 +12,19 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from models import TinyNet, make_trainer
 from torch import Tensor, nn
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from lightning_sparse import SparsityCallback
 from lightning_sparse.layers import sparsity_parametrizations
+from models import N_WEIGHTS, TinyNet, make_trainer
+from models import zeros as count_zeros
 
 TESTS = Path(__file__).parent
-N_WEIGHTS = 12 + 64  # TinyNet's conv and fc weights
 
 
 def zeros(model: nn.Module) -> int:
-    return sum(int((module.weight == 0).sum()) for module in (model.conv, model.fc))
+    return count_zeros(model.conv.weight, model.fc.weight)
 
 
 def test_ddp_two_cpu_processes_agree_and_log_once(tmp_path: Path) -> None:
@@ -148,7 +148,7 @@ def test_gradient_accumulation_advances_the_schedule_per_optimizer_step(tmp_path
     plain, accumulated = runs[1], runs[4]
     assert len(accumulated) == 4 * len(plain) == 64
     # Masks change only on the micro-batch that ends with an optimizer step...
-    for (step, count), (previous_step, previous_count) in zip(accumulated[1:], accumulated):
+    for (step, count), (previous_step, previous_count) in zip(accumulated[1:], accumulated, strict=False):
         assert step in (previous_step, previous_step + 1)
         if step == previous_step:
             assert count == previous_count
@@ -159,7 +159,10 @@ def test_gradient_accumulation_advances_the_schedule_per_optimizer_step(tmp_path
 
 @pytest.mark.parametrize(
     "args",
-    [{"method": "st3", "target_sparsity": 0.7, "start": 0, "end": 6, "freeze_at": 10}, {"method": "str", "s_init": -3.0}],
+    [
+        {"method": "st3", "target_sparsity": 0.7, "start": 0, "end": 6, "freeze_at": 10},
+        {"method": "str", "s_init": -3.0},
+    ],
     ids=["st3-with-freeze", "str"],
 )
 def test_compiled_module_trains_like_the_eager_one(tmp_path: Path, args: dict[str, Any]) -> None:

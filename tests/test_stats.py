@@ -11,9 +11,9 @@ import torchvision
 from torch import nn
 
 from lightning_sparse import layer_stats
+from lightning_sparse.layers import parametrize_layers, select_layers
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
-from lightning_sparse.layers import parametrize_layers, select_layers
 from lightning_sparse.stats import dense_flops, sparse_stats
 
 # STR's ResNet-50 at 90.23 % overall sparsity (Kusupati et al., ICML 2020, layer-wise budget table in
@@ -60,7 +60,7 @@ def test_str_published_resnet50_budget_gives_the_papers_flops(resnet50: nn.Modul
     assert len(layers) == len(STR_90_23_SPARSITY)
     parametrize_layers(layers, lambda weight: LearnedSoftThreshold(s_init=0.0))
     with torch.no_grad():
-        for module, sparsity in zip(layers.values(), STR_90_23_SPARSITY):
+        for module, sparsity in zip(layers.values(), STR_90_23_SPARSITY, strict=True):
             # Put each layer's threshold sigmoid(s) at the magnitude that prunes its published share.
             magnitude = module.parametrizations.weight.original.abs().flatten()
             t = float(magnitude.kthvalue(round(sparsity / 100 * magnitude.numel())).values)
@@ -69,7 +69,7 @@ def test_str_published_resnet50_budget_gives_the_papers_flops(resnet50: nn.Modul
     stats = layer_stats(model, image)
 
     assert sum(s.dense_flops for s in stats) == RESNET50_DENSE_MACS
-    for s, sparsity in zip(stats, STR_90_23_SPARSITY):
+    for s, sparsity in zip(stats, STR_90_23_SPARSITY, strict=True):
         assert s.sparsity == pytest.approx(sparsity / 100, abs=1e-3), s.name
     overall = 1 - sum(s.nonzeros for s in stats) / sum(s.params for s in stats)
     assert overall == pytest.approx(0.9023, abs=5e-4)
@@ -130,7 +130,7 @@ def test_reparameterized_layers_count_their_effective_nonzeros() -> None:
     assert calls == []  # ... without computing any effective weight
     for hook in hooks:
         hook.remove()
-    for s, (module, _) in zip(stats, pairs):
+    for s, (module, _) in zip(stats, pairs, strict=True):
         assert s.nonzeros == int((module.weight != 0).sum())
         assert s.sparse_flops == round(s.dense_flops * s.nonzeros / s.params)
     overall = 1 - sum(s.nonzeros for s in stats) / sum(s.params for s in stats)

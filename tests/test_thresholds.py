@@ -5,7 +5,7 @@ from lightning_sparse.thresholds import global_magnitude_threshold
 
 
 def _zero_fraction(magnitudes, tau, scales):
-    zeros = sum(int((m * s <= tau).sum()) for m, s in zip(magnitudes, scales))
+    zeros = sum(int((m * s <= tau).sum()) for m, s in zip(magnitudes, scales, strict=True))
     return zeros / sum(m.numel() for m in magnitudes)
 
 
@@ -26,7 +26,7 @@ def test_matches_the_exact_kth_value_with_scales():
     magnitudes = [torch.rand(300_000, generator=generator), torch.rand(50_000, generator=generator) * 3]
     scales = [2.0, 0.5]
     tau = global_magnitude_threshold(magnitudes, 0.8, scales)
-    everything = torch.cat([m * s for m, s in zip(magnitudes, scales)])
+    everything = torch.cat([m * s for m, s in zip(magnitudes, scales, strict=True)])
     assert tau == everything.kthvalue(round(0.8 * everything.numel())).values.item()
 
 

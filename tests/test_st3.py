@@ -1,0 +1,275 @@
+"""`lightning_sparse.methods.st3`: ST-3's parametrization against hand-computed values, and the `ST3` method object."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lightning_sparse import ST3
+from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_parametrizations
+from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, sigma_scale, update_thresholds
+from lightning_sparse.methods.str_method import LearnedSoftThreshold
+from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule
+
+# --------------------------------------------------------------------- the parametrization, plain PyTorch
+
+
+def _st3_layer() -> tuple[torch.Tensor, StraightThroughSoftThreshold]:
+    weight = torch.tensor([[0.5, -0.2, 0.05], [-0.8, 0.1, 0.3]], requires_grad=True)
+    return weight, StraightThroughSoftThreshold(weight)
+
+
+def test_st3_threshold_mask_and_rescale():
+    weight, st3 = _st3_layer()
+    # |w| sorted: 0.05 0.1 0.2 0.3 0.5 0.8; half of six pruned -> tau is the third, 0.2.
+    assert update_thresholds([st3], [weight], sparsity=0.5) == pytest.approx(0.2)
+    assert st3.mask.tolist() == [[True, False, False], [True, False, True]]
+    # Kept L1 fractions 0.5 / 0.75 and 1.1 / 1.2, rescaled by 1.01 / (r + 0.01).
+    expected_scale = torch.tensor([[1.01 / (0.5 / 0.75 + 0.01)], [1.01 / (1.1 / 1.2 + 0.01)]])
+    torch.testing.assert_close(st3.scale, expected_scale)
+
+    effective = st3(weight)
+    soft = torch.tensor([[0.3, 0.0, 0.0], [-0.6, 0.0, 0.1]])
+    torch.testing.assert_close(effective, soft * expected_scale)
+    assert (effective[st3.mask.logical_not()] == 0).all()
+
+
+def test_st3_gradient_is_straight_through_to_every_weight():
+    weight, st3 = _st3_layer()
+    update_thresholds([st3], [weight], sparsity=0.5)
+    upstream = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    (st3(weight) * upstream).sum().backward()
+    # Pruned weights receive the gradient too, so they can come back at the next threshold.
+    torch.testing.assert_close(weight.grad, upstream)
+
+
+def test_st3_without_rescale_is_a_plain_soft_threshold():
+    weight = torch.tensor([[0.5, -0.2, 0.05], [-0.8, 0.1, 0.3]])
+    st3 = StraightThroughSoftThreshold(weight, rescale=False)
+    update_thresholds([st3], [weight], sparsity=0.5)
+    torch.testing.assert_close(st3(weight), torch.tensor([[0.3, 0.0, 0.0], [-0.6, 0.0, 0.1]]))
+
+
+def test_st3_frozen_trains_only_surviving_weights():
+    weight, st3 = _st3_layer()
+    update_thresholds([st3], [weight], sparsity=0.5)
+    before = st3(weight).detach()
+    with torch.no_grad():
+        st3.freeze(weight)
+    torch.testing.assert_close(weight.detach(), before)  # effective weights baked into the raw ones
+    st3(weight).sum().backward()
+    assert weight.grad.tolist() == st3.mask.float().tolist()
+    assert st3.state_dict()["_extra_state"] == {"frozen": True}
+
+
+def test_st3_sigma_normalises_magnitudes_by_layer_width():
+    wide, narrow = torch.full((64, 64), 0.1), torch.full((2, 2), 0.2)
+    wide[0, 0], narrow[0, 0] = 1.0, 1.0
+    layers = [StraightThroughSoftThreshold(wide, rescale=False), StraightThroughSoftThreshold(narrow, rescale=False)]
+    # Plain ST-3 prunes the small weights of both layers alike...
+    update_thresholds(layers, [wide, narrow], sparsity=0.5)
+    assert layers[1].mask.sum().item() == 4
+    # ...while ST-3σ compares |w| * sqrt(sum(shape)): the wide layer's 0.1 * sqrt(128) beats 0.2 * sqrt(4).
+    tau = update_thresholds(layers, [wide, narrow], sparsity=3 / 4100, sigma=True)
+    assert sigma_scale(wide) == math.sqrt(128)
+    assert layers[1].threshold.item() == pytest.approx(tau / 2)
+    assert layers[1].mask.sum().item() == 1 and layers[0].mask.all()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug: under σ, update_thresholds picks tau from |w| * scale but masks with |w| > tau / scale; "
+    "the rounding of tau / scale keeps the weight at the threshold about every other time, one zero short",
+)
+def test_st3_sigma_prunes_exactly_the_target_count() -> None:
+    short = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        weights = [torch.randn(4, 1, 3), torch.randn(3, 24)]
+        layers = [StraightThroughSoftThreshold(w) for w in weights]
+        update_thresholds(layers, weights, sparsity=0.5, sigma=True)
+        zeros = sum(int((~p.mask).sum()) for p in layers)
+        if zeros != round(0.5 * (12 + 72)):
+            short.append((seed, zeros))
+    assert short == []
+
+
+def test_st3_keeps_bf16_weights_bf16():
+    weight = torch.randn(8, 4, dtype=torch.bfloat16)
+    st3 = StraightThroughSoftThreshold(weight)
+    update_thresholds([st3], [weight], sparsity=0.5)
+    assert st3(weight).dtype == torch.bfloat16
+    assert st3.threshold.dtype == torch.float32 and st3.scale.dtype == torch.float32
+
+
+def test_parametrized_conv_sees_effective_weight():
+    conv = nn.Conv2d(3, 8, 3)
+    st3 = StraightThroughSoftThreshold(conv.weight)
+    parametrize.register_parametrization(conv, "weight", st3)
+    update_thresholds([st3], [conv.parametrizations.weight.original], sparsity=0.75)
+    assert (conv.weight == 0).float().mean().item() == pytest.approx(0.75, abs=1 / conv.weight.numel())
+
+
+# ------------------------------------------------------------------------------------ the method object
+
+
+def test_defaults_and_names() -> None:
+    method = ST3(target_sparsity=0.9)
+    assert method == ST3(0.9, start=0.05, end=0.5, schedule="cubic", freeze_at=None, rescale=True, sigma=False)
+    assert (method.name, ST3(0.9, sigma=True).name) == ("st3", "st3sigma")
+    assert method.parametrization_class is StraightThroughSoftThreshold
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        method.target_sparsity = 0.5  # type: ignore[misc]
+
+
+def test_settings_are_plain_python_values() -> None:
+    assert ST3(0.9, start=10, end=0.5, freeze_at=0.9, sigma=True).settings() == {
+        "method": "st3sigma", "target_sparsity": 0.9, "start": 10, "end": 0.5, "schedule": "cubic",
+        "freeze_at": 0.9, "rescale": True, "sigma": True,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({}, ValueError, r"^`target_sparsity` is required: the final fraction of zeros, e.g. 0.9$"),
+        ({"target_sparsity": 0.9, "sigma": "yes"}, TypeError, r"^`sigma` must be True or False, got 'yes' \(str\)$"),
+        ({"target_sparsity": 0.9, "rescale": 1}, TypeError, r"^`rescale` must be True or False, got 1 \(int\)$"),
+        ({"target_sparsity": 0.9, "schedule": "exp"}, ValueError,
+         r"^`schedule` must be one of 'cubic', 'linear', 'constant', got 'exp'$"),
+        ({"target_sparsity": 0.9, "schedule": ["cubic"]}, TypeError,
+         r"^`schedule` must be one of 'cubic', 'linear', 'constant' or an object with a `sparsity_at\(step\)` "
+         r"method, got \['cubic'\] \(list\)$"),
+        ({"target_sparsity": 0.9, "start": 0.5, "end": 0.5}, ValueError, r"^`end` \(0.5\) must come after `start`"),
+        ({"target_sparsity": 0.9, "schedule": "constant", "start": 0.5, "freeze_at": 0.4}, ValueError,
+         r"^`freeze_at` \(0.4\) must not come before `start` \(0.5\): masks would freeze mid-schedule$"),
+    ],
+    ids=["no-target", "sigma-str", "rescale-int", "schedule-name", "schedule-list", "empty-ramp",
+         "freeze-before-constant-start"],
+)  # fmt: skip
+def test_bad_settings_raise_at_construction_naming_the_argument(
+    kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        ST3(**kwargs)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug (validation gap): a schedule class passed instead of an instance has a callable "
+    '`sparsity_at`, so ST3 accepts it and fails only at the first optimizer step, with "sparsity_at() missing 1 '
+    'required positional argument", after the model was reparameterized',
+)
+def test_a_schedule_class_instead_of_an_instance_raises_at_construction() -> None:
+    with pytest.raises(TypeError, match=r"`schedule`"):
+        ST3(schedule=LinearSchedule)  # type: ignore[arg-type]
+
+
+def test_a_constant_schedule_has_no_ramp_to_end() -> None:
+    # `end` only shapes a ramp: a constant schedule reaches its target at `start`.
+    assert ST3(0.9, schedule="constant", start=0.5, end=0.1).for_run(10).schedule == ConstantSchedule(0.9, 5)
+
+
+@pytest.mark.parametrize("name", ["target_sparsity", "start", "end"])
+def test_a_schedule_object_replaces_target_start_and_end(name: str) -> None:
+    with pytest.raises(
+        ValueError,
+        match=rf"^`{name}` cannot be combined with a schedule object, which sets the sparsity at every "
+        r"step; remove them, or give `schedule` by name$",
+    ):
+        ST3(schedule=LinearSchedule(0.5, 0, 4), **{name: 0.1})
+
+
+@pytest.mark.parametrize(
+    ("method", "total", "expected"),
+    [
+        (ST3(0.9), 100, ST3(schedule=CubicSchedule(0.9, 5, 50))),
+        (ST3(0.9, start=0.1, end=0.5, freeze_at=0.75, sigma=True), 16,
+         ST3(schedule=CubicSchedule(0.9, 2, 8), freeze_at=12, sigma=True)),
+        (ST3(0.5, start=3, end=0.5, schedule="linear", rescale=False), 10,
+         ST3(schedule=LinearSchedule(0.5, 3, 5), rescale=False)),
+        (ST3(0.5, start=0.5, schedule="constant"), 16, ST3(schedule=ConstantSchedule(0.5, 8))),
+        (ST3(schedule=LinearSchedule(0.5, 0, 4), freeze_at=0.5), 16,
+         ST3(schedule=LinearSchedule(0.5, 0, 4), freeze_at=8)),
+        (ST3(0.9, start=0, end=40), math.inf, ST3(schedule=CubicSchedule(0.9, 0, 40))),  # steps need no run length
+    ],
+    ids=["defaults", "fractions", "linear-mixed", "constant", "schedule-object", "unknown-length-steps"],
+)  # fmt: skip
+def test_for_run_turns_fractions_into_steps_and_names_into_schedules(method: ST3, total: float, expected: ST3) -> None:
+    run = method.for_run(total)
+    assert run == expected
+    assert isinstance(run.freeze_at, int | None) and not isinstance(run.schedule, str)
+    assert method.for_run(total) == run  # the method itself is unchanged: it serves every fit
+
+
+@pytest.mark.parametrize(
+    ("method", "total", "match"),
+    [
+        (ST3(0.9, end=0.5, freeze_at=3), 16, r"`freeze_at` \(step 3\) must not come before `end` \(step 8\)"),
+        (ST3(0.9, end=10, freeze_at=0.3), 16, r"`freeze_at` \(step 5\) must not come before `end` \(step 10\)"),
+        (ST3(0.9, start=0.9, end=3), 16, r"`end` \(step 3\) must come after `start` \(step 14\); the run has too few"),
+        (ST3(0.9), 1, r"`end` \(step 0\) must come after `start` \(step 0\); the run has too few optimizer steps"),
+        (ST3(0.9), math.inf, r"^`start=0.05` is a fraction of training, but this Trainer has no known number of "
+         r"optimizer steps; set `max_steps` or `max_epochs` on the Trainer, or give `start` as an int step$"),
+        (ST3(schedule=LinearSchedule(0.5, 0, 4), freeze_at=0.9), math.inf, r"^`freeze_at=0.9` is a fraction"),
+    ],
+    ids=["freeze-step-before-end", "freeze-fraction-before-end", "end-before-start", "too-short", "unknown-length",
+         "unknown-length-schedule-object"],
+)  # fmt: skip
+def test_for_run_refuses_an_order_that_only_the_run_length_breaks(method: ST3, total: float, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        method.for_run(total)
+
+
+def _sparse_layers(method: ST3) -> tuple[nn.Module, dict]:
+    net = nn.Sequential(nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(24, 3))
+    parametrize_layers(select_layers(net), method.parametrization)
+    return net, sparsity_parametrizations(net)
+
+
+@pytest.mark.parametrize("sigma", [False, True])
+def test_after_optimizer_step_follows_the_schedule_and_freezes(sigma: bool) -> None:
+    method = ST3(0.5, start=0, end=2, freeze_at=3, sigma=sigma).for_run(total_steps=10)
+    net, layers = _sparse_layers(method)
+    parametrizations = [p for _, p in layers.values()]
+    n = 12 + 72
+    for step in (1, 2, 3):
+        method.after_optimizer_step(step, layers)
+        expected = round(CubicSchedule(0.5, 0, 2).sparsity_at(step) * n)
+        zeros = sum(int((m.weight == 0).sum()) for m in (net[0], net[2]))
+        # ST-3σ may keep the one weight at the threshold: see test_st3_sigma_prunes_exactly_the_target_count.
+        assert expected - zeros in ((0, 1) if sigma else (0,))
+        assert all(p.frozen is (step >= 3) for p in parametrizations)
+        metrics = method.metrics(step, layers)
+        assert metrics["sparsity/target"] == CubicSchedule(0.5, 0, 2).sparsity_at(step)
+        conv = layers["0"][1]
+        scale = sigma_scale(net[0].parametrizations.weight.original) if sigma else 1.0
+        assert metrics["sparsity/threshold"] == pytest.approx(conv.threshold.item() * scale)
+    masks = [p.mask.clone() for p in parametrizations]
+    with torch.no_grad():
+        net[2].parametrizations.weight.original.mul_(-3.0).add_(0.5)  # weights move: frozen masks do not
+    method.after_optimizer_step(4, layers)
+    assert all(torch.equal(p.mask, mask) for p, mask in zip(parametrizations, masks, strict=True))
+
+
+def test_after_optimizer_step_needs_the_run_length_first() -> None:
+    method = ST3(0.5)
+    _, layers = _sparse_layers(method)
+    with pytest.raises(RuntimeError, match=r"call `for_run\(total_steps\)` first"):
+        method.after_optimizer_step(1, layers)
+
+
+def test_owns_only_its_own_parametrization_with_its_rescale() -> None:
+    weight = torch.ones(2, 2)
+    assert ST3(0.5).owns(StraightThroughSoftThreshold(weight))
+    assert ST3(0.5, sigma=True).owns(StraightThroughSoftThreshold(weight))  # σ changes the threshold, not the weights
+    assert not ST3(0.5).owns(StraightThroughSoftThreshold(weight, rescale=False))
+    assert not ST3(0.5, rescale=False).owns(StraightThroughSoftThreshold(weight))
+    assert not ST3(0.5).owns(LearnedSoftThreshold(s_init=-5.0))
+    assert ST3(0.5, rescale=False).parametrization(weight).rescale is False
