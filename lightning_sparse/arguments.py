@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["StepOrFraction", "check_bool", "check_real", "check_step_or_fraction"]
+__all__ = ["StepOrFraction", "check_bool", "check_positive_int", "check_real", "check_step_or_fraction"]
 
 StepOrFraction = int | float
 """An optimizer step (int) or a fraction of the run's optimizer steps (float in [0, 1])."""
@@ -83,3 +83,19 @@ def check_step_or_fraction(name: str, value: Any) -> StepOrFraction:
             f"`{name}` as a fraction of training (float) must lie in [0, 1], got {value!r}; give a step as an int"
         )
     return fraction
+
+
+def check_positive_int(name: str, value: Any) -> int:
+    """`value` as a Python int, if it is an integer >= 1 (numpy's included).
+
+    Example:
+        >>> check_positive_int("log_every_n_steps", 0)
+        Traceback (most recent call last):
+        ...
+        ValueError: `log_every_n_steps` must be a positive int, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be a positive int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}")
+    return int(value)

@@ -6,9 +6,8 @@ from typing import TypeVar
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from lightning_sparse.layers import sparsity_parametrizations
+from lightning_sparse.layers import remove_parametrization, sparsity_parametrizations
 from lightning_sparse.methods.base import original_weight
 
 __all__ = ["harden"]
@@ -26,6 +25,7 @@ def harden(module: _ModuleT) -> _ModuleT:
     unmodified model's. A model without lightning-sparse reparameterizations is returned as is.
 
     Example:
+        >>> from torch.nn.utils import parametrize
         >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
         >>> layer = nn.Linear(3, 3)
         >>> _ = parametrize.register_parametrization(layer, "weight", LearnedSoftThreshold(s_init=0.0))
@@ -36,9 +36,6 @@ def harden(module: _ModuleT) -> _ModuleT:
     for layer, _ in sparsity_parametrizations(module).values():
         weight = original_weight(layer)
         # A tied weight already holds its effective value after the first of its layers.
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=id(weight) not in done)
+        remove_parametrization(layer, bake=id(weight) not in done)
         done.add(id(weight))
-        # Removal re-registers `weight` last; torch's layers register it first, so put it back there
-        # and `state_dict()` lists the keys in the unmodified model's order.
-        layer._parameters = {"weight": layer._parameters.pop("weight"), **layer._parameters}
     return module

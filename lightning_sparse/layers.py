@@ -16,6 +16,7 @@ __all__ = [
     "LayerFilter",
     "check_filters",
     "parametrize_layers",
+    "remove_parametrization",
     "select_layers",
     "sparsity_parametrizations",
     "unparametrize_layers",
@@ -157,4 +158,23 @@ def unparametrize_layers(layers: Iterable[nn.Module]) -> None:
         (True, {})
     """
     for module in layers:
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        remove_parametrization(module, bake=False)
+
+
+def remove_parametrization(module: nn.Module, bake: bool) -> None:
+    """Remove the parametrization of `module.weight`, writing the effective weight into it if `bake`.
+
+    The weight keeps its place among the module's parameters, so `state_dict()` keys and
+    `parameters()` come back in the unmodified model's order.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
+        >>> _ = parametrize.register_parametrization(layer, "weight", LearnedSoftThreshold(s_init=0.0))
+        >>> remove_parametrization(layer, bake=True)
+        >>> list(layer.state_dict())
+        ['weight', 'bias']
+    """
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=bake)
+    # Removal re-registers `weight` last; torch's layers register it first.
+    module._parameters = {"weight": module._parameters.pop("weight"), **module._parameters}

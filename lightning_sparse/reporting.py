@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from rich.console import Console
 from rich.table import Table
 
+from lightning_sparse.arguments import check_positive_int
 from lightning_sparse.methods.base import SparseLayers
 from lightning_sparse.stats import LayerStats, dense_flops, sparse_stats
 
@@ -57,14 +58,11 @@ class SparsityReport:
         >>> SparsityReport(every_n_steps=0)
         Traceback (most recent call last):
         ...
-        ValueError: `log_every_n_steps` must be a positive int or None, got 0
+        ValueError: `log_every_n_steps` must be a positive int, got 0
     """
 
     def __init__(self, every_n_steps: int | None = None) -> None:
-        valid = isinstance(every_n_steps, int) and not isinstance(every_n_steps, bool) and every_n_steps >= 1
-        if every_n_steps is not None and not valid:
-            raise ValueError(f"`log_every_n_steps` must be a positive int or None, got {every_n_steps!r}")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = None if every_n_steps is None else check_positive_int("log_every_n_steps", every_n_steps)
         self._dense: dict[str, int] | None = None
         self._history: list[tuple[int, float, float | None]] = []  # step, global sparsity, target
 

@@ -206,11 +206,6 @@ def test_unparametrize_layers_gives_back_the_raw_weights_untouched() -> None:
     assert all(torch.equal(w, v) for w, v in zip(weights, values, strict=True))  # nothing baked in
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: unparametrize_layers re-registers `weight` after `bias` (torch's removal does), so "
-    "`state_dict()` keys and `parameters()` come back in another order than the model had, unlike `harden`",
-)
 def test_unparametrize_layers_gives_back_the_parameters_in_their_order() -> None:
     net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     keys, parameters = list(net.state_dict()), list(net.parameters())

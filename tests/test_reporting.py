@@ -163,10 +163,17 @@ def test_without_a_logger_the_table_and_plot_still_appear(tmp_path: Path, capsys
     assert "per-layer budget" in out and re.search(r"\bfc\b.*\b2x32\b", out)  # the row of the last layer
 
 
-@pytest.mark.parametrize("every", [0, -1, 2.5, True])
-def test_log_every_n_steps_is_checked_at_construction(every: object) -> None:
-    with pytest.raises(ValueError, match="log_every_n_steps"):
+@pytest.mark.parametrize(("every", "error"), [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_log_every_n_steps_is_checked_at_construction(every: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="log_every_n_steps"):
         SparsityCallback("st3", target_sparsity=0.5, log_every_n_steps=every)
+
+
+def test_log_every_n_steps_takes_a_numpy_int() -> None:
+    import numpy as np
+
+    callback = SparsityCallback("st3", target_sparsity=0.5, log_every_n_steps=np.int64(3))
+    assert callback._report.every_n_steps == 3 and type(callback._report.every_n_steps) is int
 
 
 WITHOUT_WANDB = """

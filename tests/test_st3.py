@@ -82,11 +82,6 @@ def test_st3_sigma_normalises_magnitudes_by_layer_width():
     assert layers[1].mask.sum().item() == 1 and layers[0].mask.all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: under σ, update_thresholds picks tau from |w| * scale but masks with |w| > tau / scale; "
-    "the rounding of tau / scale keeps the weight at the threshold about every other time, one zero short",
-)
 def test_st3_sigma_prunes_exactly_the_target_count() -> None:
     short = []
     for seed in range(20):
@@ -160,12 +155,6 @@ def test_bad_settings_raise_at_construction_naming_the_argument(
         ST3(**kwargs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug (validation gap): a schedule class passed instead of an instance has a callable "
-    '`sparsity_at`, so ST3 accepts it and fails only at the first optimizer step, with "sparsity_at() missing 1 '
-    'required positional argument", after the model was reparameterized',
-)
 def test_a_schedule_class_instead_of_an_instance_raises_at_construction() -> None:
     with pytest.raises(TypeError, match=r"`schedule`"):
         ST3(schedule=LinearSchedule)  # type: ignore[arg-type]

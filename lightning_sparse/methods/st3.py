@@ -96,10 +96,14 @@ class StraightThroughSoftThreshold(SparseParametrization):
         return candidate
 
     @torch.no_grad()
-    def set_threshold(self, magnitude: Tensor, threshold: float) -> None:
-        """Prune `magnitude` (= |w|, float32) at `threshold` and recompute the channel rescale."""
-        self.threshold.fill_(threshold)
-        torch.gt(magnitude, threshold, out=self.mask)
+    def set_threshold(self, magnitude: Tensor, threshold: float, width: float = 1.0) -> None:
+        """Prune `magnitude` (= |w|, float32) at `threshold / width` and recompute the channel rescale.
+
+        `width` is ST-3σ's normalisation: the mask compares `magnitude * width` with `threshold` exactly
+        as the global selection did (`magnitude > threshold / width` rounds differently at the boundary).
+        """
+        self.threshold.fill_(threshold / width)
+        torch.gt(magnitude * width if width != 1.0 else magnitude, threshold, out=self.mask)
         if self.rescale:
             dims = tuple(range(1, magnitude.dim()))
             total = magnitude.sum(dims, keepdim=True)
@@ -155,7 +159,7 @@ def update_thresholds(
     scales = [sigma_scale(w) if sigma else 1.0 for w in weights]
     tau = global_magnitude_threshold(magnitudes, sparsity, scales)
     for layer, magnitude, scale in zip(layers, magnitudes, scales, strict=True):
-        layer.set_threshold(magnitude, tau / scale)
+        layer.set_threshold(magnitude, tau, scale)
     return tau
 
 
@@ -215,7 +219,7 @@ class ST3(SparsityMethod):
             )
             checked["start"] = check_step_or_fraction("start", 0.05 if self.start is None else self.start)
             checked["end"] = check_step_or_fraction("end", 0.5 if self.end is None else self.end)
-        elif not callable(getattr(self.schedule, "sparsity_at", None)):
+        elif isinstance(self.schedule, type) or not callable(getattr(self.schedule, "sparsity_at", None)):
             raise TypeError(
                 f"`schedule` must be one of {', '.join(map(repr, _SCHEDULE_NAMES))} or an object with a "
                 f"`sparsity_at(step)` method, got {self.schedule!r} ({type(self.schedule).__name__})"
