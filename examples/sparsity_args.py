@@ -9,10 +9,25 @@ from lightning_sparse import SparsityCallback
 
 def add_sparsity_args(parser: argparse.ArgumentParser, s_init: float, threshold_decay: float) -> None:
     """Add `--method`, `--sparsity`, `--s-init` and `--threshold-decay`, with STR defaults for this example."""
-    parser.add_argument("--method", choices=["st3", "st3sigma", "str", "dense"], default="st3")
-    parser.add_argument("--sparsity", type=float, default=0.9, help="ST-3's target sparsity")
-    parser.add_argument("--s-init", type=float, default=s_init, help="STR's initial threshold parameter")
-    parser.add_argument("--threshold-decay", type=float, default=threshold_decay, help="STR's decay on thresholds")
+    parser.add_argument(
+        "--method",
+        choices=["st3", "st3sigma", "str", "dense"],
+        default="st3",
+        help="st3 / st3sigma: ST-3, one global magnitude threshold that follows a schedule to --sparsity; "
+        "str: STR, learned per-layer thresholds; dense: no sparsity, a baseline",
+    )
+    parser.add_argument(
+        "--sparsity", type=float, default=0.9, help="ST-3's target: fraction of conv/linear weights that end at 0"
+    )
+    parser.add_argument(
+        "--s-init", type=float, default=s_init, help="STR's initial threshold parameter s (threshold: sigmoid(s))"
+    )
+    parser.add_argument(
+        "--threshold-decay",
+        type=float,
+        default=threshold_decay,
+        help="STR's weight decay on its threshold parameters: larger ends sparser",
+    )
 
 
 def make_callback(args: argparse.Namespace) -> list[SparsityCallback]:
