@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
@@ -19,7 +22,6 @@ from lightning_sparse.checkpoint import (
     check_resume,
     describe_changes,
     harden_state_dict,
-    read_checkpoint,
 )
 from lightning_sparse.hardening import harden
 from lightning_sparse.layers import (
@@ -31,7 +33,7 @@ from lightning_sparse.layers import (
     unparametrize_layers,
 )
 from lightning_sparse.methods import SparsityMethod, make_method
-from lightning_sparse.methods.base import SparseLayers
+from lightning_sparse.methods.base import SparseLayers, distinct_weights, original_weight
 from lightning_sparse.reporting import SparsityReport
 from lightning_sparse.schedules import Schedule
 
@@ -41,16 +43,21 @@ __all__ = ["SparsityCallback"]
 class SparsityCallback(Callback):
     """Sparse training of any LightningModule with STR or ST-3; hardened to a plain model at fit end.
 
-    At `setup("fit")`, before the optimizer is built and a checkpoint restored, the conv and
-    linear weights get the method's reparameterization, so learned thresholds are trained by your
-    own optimizer and a resumed run finds the keys it saved. After every optimizer step (not every
-    micro-batch) the method does its work, e.g. a scheduled global threshold.
+    The weights are reparameterized right after your `setup` and `configure_model` (so layers built or
+    weights loaded there are the ones sparsified), before a checkpoint is restored and before DDP wraps
+    the model and `configure_optimizers` runs: learned thresholds are parameters of the model, trained
+    by your optimizer and LR schedule. After every optimizer step (not every micro-batch) the method
+    does its work, e.g. a scheduled global threshold.
 
     Checkpoints written during `fit` hold the reparameterized weights and the method's state, so
     `trainer.fit(ckpt_path=...)` resumes exactly; resuming with another method, other layers or
-    settings that change what the saved tensors mean is refused before anything is loaded. For
-    inference, load such a checkpoint with `lightning_sparse.load_hardened(YourModule, path)`;
-    `trainer.validate/test/predict(ckpt_path=...)` with this callback hardens it on the way in.
+    settings that change what the saved tensors mean is refused before anything is loaded, from the
+    checkpoint Lightning read (no second read). For inference, load such a checkpoint with
+    `lightning_sparse.load_hardened(YourModule, path)`; `trainer.validate/test/predict(ckpt_path=...)`
+    with this callback hardens it on the way in.
+
+    A fit that fails before its first optimizer step gives the model back as it came (the same
+    `Parameter` objects, no new keys); one that fails later keeps its sparse training state.
 
     Args:
         method: A method object (`ST3(...)`, `STR(...)`), or the name of one in the registry
@@ -113,32 +120,55 @@ class SparsityCallback(Callback):
         self.harden_on_fit_end = check_bool("harden_on_fit_end", harden_on_fit_end)
         self._report = SparsityReport(log_every_n_steps)
         self._run: SparsityMethod | None = None  # `method` with this fit's steps, from `setup("fit")`
+        self._total_steps = math.inf
+        self._step = 0  # optimizer steps of the schedule: batches in which the optimizers stepped
+        self._last_global_step = -1
+        self._stepped = False  # whether this fit made an optimizer step
         self._layers: SparseLayers = {}
-        self._added: list[nn.Module] = []  # layers this fit reparameterized, to undo if its resume is refused
+        self._added: list[nn.Module] = []  # layers this fit reparameterized, to undo if it fails early
+        self._hooked: pl.LightningModule | None = None  # the module carrying our restore and configure hooks
         self._restore_hook: RemovableHandle | None = None
-        self._last_step = -1
 
     # ---------------------------------------------------------------- hooks
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Lightning restores a checkpoint's module state right after `setup` and before any callback
-        # state, and `trainer.ckpt_path` is only known from then on: the restore calls this hook first.
+        # Lightning restores a checkpoint's module state after `setup` and `configure_model` and before any
+        # callback state, and `trainer.ckpt_path` is only known from then on: the restore calls this hook first.
+        self._hooked = pl_module
         self._restore_hook = pl_module.register_load_state_dict_pre_hook(partial(self._on_module_restore, trainer))
         if stage != "fit":
             return
-        self._run = self.method.for_run(trainer.estimated_stepping_batches)
-        self._layers = self._reparameterize(pl_module)
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by its connector
+        averaging = [type(c).__name__ for c in callbacks if isinstance(c, _WEIGHT_AVERAGING)]
+        if averaging:
+            raise ValueError(
+                f"SparsityCallback cannot train together with {', '.join(averaging)}: averaging the weights of a "
+                "sparse model averages their masks and thresholds too, and the averaged model is not sparse at "
+                "the target. Remove one of the two callbacks."
+            )
+        self._total_steps = trainer.estimated_stepping_batches
+        self._run = self.method.for_run(self._total_steps)
+        self._step, self._stepped, self._added = 0, False, []
+        # Lightning has no callback hook between the LightningModule's `configure_model` and DDP's wrap (after
+        # which registering a parametrization detaches the weights from DDP's gradient hooks), so ours runs
+        # as part of it. Not `functools.wraps`: Lightning calls `configure_model` only if it looks overridden.
+        user_configure_model = pl_module.configure_model
+
+        def configure_model() -> None:
+            user_configure_model()
+            self._layers = self._reparameterize(pl_module)
+
+        pl_module.configure_model = configure_model  # type: ignore[method-assign]
 
     def _reparameterize(self, pl_module: pl.LightningModule) -> SparseLayers:
-        self._added = []
-        existing = sparsity_parametrizations(pl_module)
         layers = select_layers(pl_module, self.include, self.exclude)
         if not layers:
             raise ValueError(
                 f"{type(pl_module).__name__} has no layer to sparsify: no Conv1d/2d/3d or Linear "
                 "(or nothing left after `include`/`exclude`); pass `include=[...]` naming the layers to sparsify"
             )
+        existing = sparsity_parametrizations(pl_module)
         if existing:
             # A second fit on a model that was not hardened: keep its reparameterization, don't stack one more.
             if set(existing) != set(layers) or not all(self.method.owns(p) for _, p in existing.values()):
@@ -148,39 +178,67 @@ class SparsityCallback(Callback):
                     f"with method={self.method.name!r} on layers {sorted(layers)}"
                 )
             return existing
-        parametrize_layers(layers, self.method.parametrization)
+        parametrize_layers(layers, self._run_method().parametrization)
         self._added = list(layers.values())
         return sparsity_parametrizations(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        for message in self._method().on_fit_start(self._layers, trainer.optimizers, schedulers):
+        self._remove_hooks()
+        for message in self._run_method().on_fit_start(distinct_weights(self._layers), trainer.optimizers):
             rank_zero_warn(message)
+        undecayed = _undecayed_weights(self._layers, trainer.optimizers)
+        if undecayed:
+            rank_zero_warn(
+                f"Your optimizer applies weight decay to some parameters but not to the sparsified weights of "
+                f"{', '.join(undecayed)}. If `configure_optimizers` groups parameters by name (e.g. names ending in "
+                "`weight`), note that a sparsified weight is named `<layer>.parametrizations.weight.original` "
+                "during sparse training; group by module type or parameter identity instead."
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self._last_global_step = trainer.global_step
         self._report.on_train_start(trainer)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        self._run_method().before_optimizer_step(optimizer, self._layers)
 
     @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # a micro-batch of gradient accumulation: no optimizer step yet
+        # One schedule step per batch in which the optimizers stepped: accumulating micro-batches don't
+        # count, and several optimizers stepping in one batch (a GAN) count once.
+        if trainer.global_step == self._last_global_step:
             return
-        self._last_step = step
-        method = self._method()
-        method.after_optimizer_step(step, self._layers)
+        self._last_global_step = trainer.global_step
+        self._step += 1
+        self._stepped = True
+        method = self._run_method()
+        method.after_optimizer_step(self._step, self._layers)
         self._report.on_optimizer_step(
-            trainer, pl_module, batch, self._layers, partial(method.metrics, step, self._layers)
+            trainer, pl_module, batch, self._layers, partial(method.metrics, self._step, self._layers)
         )
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Before `on_fit_end`: the loggers are still open and the model still on its device.
-        self._report.on_train_end(trainer, pl_module, self._layers)
+        method = self._run_method()
+        reached = self._report.on_train_end(
+            trainer, pl_module, self._layers, partial(method.metrics, self._step, self._layers)
+        )
+        target = method.target(sys.maxsize)
+        if reached is not None and target is not None and reached < target - _TARGET_TOLERANCE:
+            rank_zero_warn(
+                f"Training ended at optimizer step {self._step} with {reached:.1%} sparsity, below the "
+                f"{target:.1%} target (the schedule asks for {method.target(self._step):.1%} at this "
+                "step): the run stopped before the schedule's end (early stopping, `max_time`, or `start`/`end` "
+                "beyond the run). Give `end` as a fraction of the run, or train longer."
+            )
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -190,25 +248,42 @@ class SparsityCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._remove_restore_hook()
+        self._remove_hooks()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._remove_restore_hook()
+        self._remove_hooks()
+        if not self._stepped:
+            unparametrize_layers(self._added)  # nothing trained: give the model back as it came
+            self._layers, self._added = {}, []
+        elif self._layers:
+            rank_zero_warn(
+                f"The fit failed after {self._step} optimizer steps; the model keeps its sparse training state "
+                "(reparameterized weights, masks and thresholds). Resume from your last checkpoint with "
+                "`trainer.fit(model, ckpt_path=...)`, or call `lightning_sparse.harden(model)` for the plain "
+                "sparse model as trained so far."
+            )
 
-    def _method(self) -> SparsityMethod:
+    def _run_method(self) -> SparsityMethod:
         if self._run is None:
             raise RuntimeError("SparsityCallback's fit hooks ran without its `setup('fit')`")
         return self._run
 
     # ---------------------------------------------------------- checkpoints
 
+    def _resume_settings(self, layers: list[str]) -> dict[str, Any]:
+        """What a resume is checked against: the method's settings, the layers and the run's length."""
+        return {**self.method.settings(), "layers": layers, "total_steps": self._total_steps}
+
     @override
     def state_dict(self) -> dict[str, Any]:
         # Masks, thresholds and frozen flags travel in the module's state (parametrization buffers and
-        # parameters) and the schedule position is `trainer.global_step`, so nothing here needs loading
-        # back: these settings are what a resume is checked against, before the module restore.
-        return {**self.method.settings(), "layers": sorted(self._layers)}
+        # parameters); the settings are what a resume is checked against, before the module restore.
+        return {**self._resume_settings(sorted(self._layers)), "schedule_step": self._step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._step = state_dict["schedule_step"]
 
     def _on_module_restore(self, trainer: pl.Trainer, module: nn.Module, state_dict: dict[str, Any], *_: Any) -> None:
         """`load_state_dict` pre-hook on the LightningModule, run once: Lightning's restore of a checkpoint."""
@@ -222,11 +297,22 @@ class SparsityCallback(Callback):
             return
         if trainer.ckpt_path is None:
             return
-        # Lightning has just unpickled this same file to restore it, so reading it again runs nothing new.
-        saved = read_checkpoint(trainer.ckpt_path, weights_only=False).get("callbacks", {}).get(self.state_key)
+        # The checkpoint Lightning has just read, with the user's `weights_only` and `CheckpointIO`.
+        saved = trainer._checkpoint_connector._loaded_checkpoint.get("callbacks", {}).get(self.state_key)
         must_keep = {"method", "layers", *self.method.reparameterization_settings}
         try:
-            changes = check_resume(saved, self.state_dict(), must_keep)
+            if saved is None and any("parametrizations.weight.original" in key for key in state_dict):
+                raise ValueError(
+                    "it was saved during sparse training but holds no SparsityCallback or optimizer state (a "
+                    "`save_weights_only=True` checkpoint), so training cannot resume from it. Load it with "
+                    "`lightning_sparse.load_hardened(YourModule, path)` for inference or to start a new sparse run"
+                )
+            if saved is not None and "schedule_step" not in saved:
+                raise ValueError(
+                    "it was written by lightning-sparse 0.1.0, whose checkpoints do not record the schedule's "
+                    "step; load it with `lightning_sparse.load_hardened(YourModule, path)` and start a new fit"
+                )
+            changes = check_resume(saved, self._resume_settings(sorted(self._layers)), must_keep)
         except ValueError as error:
             unparametrize_layers(self._added)  # give the model back as it came
             self._layers, self._added = {}, []
@@ -237,7 +323,25 @@ class SparsityCallback(Callback):
                 f"from the checkpoint's step with the new ones:\n{describe_changes(changes)}"
             )
 
+    def _remove_hooks(self) -> None:
+        self._remove_restore_hook()
+        if self._hooked is not None and "configure_model" in vars(self._hooked):
+            del self._hooked.configure_model
+        self._hooked = None
+
     def _remove_restore_hook(self) -> None:
         if self._restore_hook is not None:
             self._restore_hook.remove()
             self._restore_hook = None
+
+
+_WEIGHT_AVERAGING = (StochasticWeightAveraging, WeightAveraging)
+_TARGET_TOLERANCE = 0.005  # fit ends within this of its target, up to exact ties at the threshold
+
+
+def _undecayed_weights(layers: SparseLayers, optimizers: Sequence[Optimizer]) -> list[str]:
+    """Sparsified layers whose weight gets no weight decay while other parameters do (name-based grouping)."""
+    decay = {id(p): g.get("weight_decay", 0) for o in optimizers for g in o.param_groups for p in g["params"]}
+    if not any(decay.values()):
+        return []
+    return [name for name, (module, _) in layers.items() if decay.get(id(original_weight(module))) == 0]

@@ -98,22 +98,42 @@ class SparsityReport:
         every = self.every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]
         if trainer.global_step % every or not trainer.is_global_zero:
             return
-        metrics = {**_metrics(sparse_stats(pl_module, self._dense), layers), **method_metrics()}
-        self._history.append((trainer.global_step, metrics["sparsity/global"], metrics.get("sparsity/target")))
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        self._log(trainer, sparse_stats(pl_module, self._dense), layers, method_metrics)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: SparseLayers) -> None:
-        """Print the per-layer table, save the PNG and log the W&B budget table (rank zero)."""
+    def on_train_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        layers: SparseLayers,
+        method_metrics: Callable[[], Mapping[str, float]],
+    ) -> float | None:
+        """Log the final values unless just logged, print the per-layer table, save the PNG and log the
+        W&B budget table (rank zero). Returns the global sparsity reached (None on other ranks)."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         if not trainer.is_global_zero:
-            return
+            return None
         stats = sparse_stats(pl_module, self._dense or {})
+        if layers and (not self._history or self._history[-1][0] != trainer.global_step):
+            # So the last logged values are the final model's, whatever the logging interval.
+            self._log(trainer, stats, layers, method_metrics)
         _print_table(stats, set(layers))
         if log_dir is not None:
             _save_plot(stats, set(layers), self._history, os.path.join(log_dir, PLOT_FILE))
         for logger in _wandb_loggers(trainer):
             _log_wandb_budget(logger, stats, trainer.global_step)
+        return _metrics(stats, layers)["sparsity/global"] if layers else None
+
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        stats: Sequence[LayerStats],
+        layers: SparseLayers,
+        method_metrics: Callable[[], Mapping[str, float]],
+    ) -> None:
+        metrics = {**_metrics(stats, layers), **method_metrics()}
+        self._history.append((trainer.global_step, metrics["sparsity/global"], metrics.get("sparsity/target")))
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, cast
 
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import ParametrizationList
+from torch.optim import Optimizer
 from typing_extensions import Self
 
 __all__ = [
@@ -68,8 +69,10 @@ class SparsityMethod(ABC):
     """Settings and per-step work of one sparsity method; subclasses are frozen dataclasses.
 
     The hooks, in the order `SparsityCallback` calls them in `fit`: `for_run` (once the run length is
-    known), `parametrization` (per weight), `on_fit_start` (optimizers built), then after each
-    optimizer step `after_optimizer_step` and, when logging, `metrics`.
+    known), `parametrization` (per distinct weight, once the optimizers exist), `on_fit_start` (before
+    the parametrizations are registered), then for each optimizer step `before_optimizer_step` and
+    `after_optimizer_step`, and `metrics` when logging. The methods' own state lives in their
+    parametrizations, so the method object stays a frozen value.
     """
 
     parametrization_class: ClassVar[type[SparseParametrization]]
@@ -97,13 +100,23 @@ class SparsityMethod(ABC):
         return isinstance(parametrization, self.parametrization_class)
 
     def on_fit_start(
-        self, layers: SparseLayers, optimizers: Sequence[Any], schedulers: Sequence[Any]
+        self, weights: Sequence[tuple[SparseParametrization, Tensor]], optimizers: Sequence[Optimizer]
     ) -> list[str]:
-        """Adapt the user's optimizers once they exist; returns warnings for the user."""
+        """Adapt the user's optimizers to the parametrizations of `weights` (each with its raw weight).
+
+        Raises for an impossible combination; returns warnings for the user.
+        """
         return []
+
+    def before_optimizer_step(self, optimizer: Optimizer, layers: SparseLayers) -> None:  # noqa: B027 (optional hook)
+        """Called right before each `optimizer.step()`, gradients complete."""
 
     def after_optimizer_step(self, step: int, layers: SparseLayers) -> None:  # noqa: B027 (optional hook)
         """The method's work after optimizer step number `step` (1 after the first step)."""
+
+    def target(self, step: int) -> float | None:
+        """The sparsity the method is asked to have after `step`, if it has a target."""
+        return None
 
     def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:
         """The method's own values to log at `step`, besides the sparsity every method logs."""

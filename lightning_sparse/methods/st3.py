@@ -249,6 +249,12 @@ class ST3(SparsityMethod):
         start, end, freeze_at = (
             _to_step(name, getattr(self, name), total_steps) for name in ("start", "end", "freeze_at")
         )
+        # On a very short run (`fast_dev_run`) fractions in order can round onto one step: keep their order.
+        from_fractions = isinstance(self.end, float)
+        if start is not None and end is not None and from_fractions and isinstance(self.start, float):
+            end = max(end, start + 1)
+        if freeze_at is not None and end is not None and from_fractions and isinstance(self.freeze_at, float):
+            freeze_at = max(freeze_at, end)
         _check_order(self.schedule, start, end, freeze_at, unit="step ")
         if not isinstance(self.schedule, str):
             return dataclasses.replace(self, freeze_at=freeze_at)
@@ -285,12 +291,16 @@ class ST3(SparsityMethod):
     @override
     def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:
         """``sparsity/target`` (the schedule's value) and ``sparsity/threshold`` (the global threshold)."""
-        metrics = {"sparsity/target": self._schedule().sparsity_at(step)}
+        metrics = {"sparsity/target": self.target(step)}
         for p, weight in distinct_weights(layers)[:1]:
             # Every layer holds the global threshold in its own units (divided by its width under σ).
             assert isinstance(p, StraightThroughSoftThreshold)
             metrics["sparsity/threshold"] = p.threshold.item() * (sigma_scale(weight) if self.sigma else 1.0)
         return metrics
+
+    @override
+    def target(self, step: int) -> float:
+        return self._schedule().sparsity_at(step)
 
     def _schedule(self) -> Schedule:
         if isinstance(self.schedule, str):

@@ -8,11 +8,12 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 from typing_extensions import Self, override
 
 from lightning_sparse.arguments import check_real
-from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod, distinct_weights
-from lightning_sparse.optim import split_param_group
+from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod
+from lightning_sparse.optim import add_beside, decay_instead
 
 __all__ = ["STR", "LearnedSoftThreshold"]
 
@@ -62,9 +63,10 @@ class LearnedSoftThreshold(SparseParametrization):
         True
     """
 
-    def __init__(self, s_init: float) -> None:
+    def __init__(self, s_init: float, device: torch.device | None = None) -> None:
         super().__init__()
-        self.s = torch.nn.Parameter(torch.tensor(float(s_init)))
+        # float32 whatever the weight's dtype: bf16 cannot hold the small decay steps of `s`.
+        self.s = torch.nn.Parameter(torch.tensor(float(s_init), dtype=torch.float32, device=device))
 
     def threshold(self) -> Tensor:
         """The current magnitude threshold `sigmoid(s)`."""
@@ -129,26 +131,43 @@ class STR(SparsityMethod):
 
     @override
     def parametrization(self, weight: Tensor) -> LearnedSoftThreshold:
-        return LearnedSoftThreshold(self.s_init)
+        return LearnedSoftThreshold(self.s_init, device=weight.device)
 
     @override
-    def on_fit_start(self, layers: SparseLayers, optimizers: Sequence[Any], schedulers: Sequence[Any]) -> list[str]:
-        """Give the thresholds `threshold_decay`; warns when nothing decays them or all is pruned already."""
-        pairs = [(p, w) for p, w in distinct_weights(layers) if isinstance(p, LearnedSoftThreshold)]
-        thresholds = {id(p.s): p.s for p, _ in pairs}
-        warnings = []
-        for optimizer in optimizers:
-            if self.threshold_decay is not None:
-                own = [s for s in schedulers if s.optimizer is optimizer]
-                split_param_group(optimizer, thresholds.values(), own, weight_decay=self.threshold_decay)
-            elif not any(
-                group.get("weight_decay", 0) > 0 and any(id(p) in thresholds for p in group["params"])
-                for group in optimizer.param_groups
-            ):
-                warnings.append(
-                    "STR's sparsity comes from weight decay on its thresholds, and your optimizer applies none "
-                    "to them: the model will stay dense. Pass `threshold_decay=` to STR / SparsityCallback."
+    def on_fit_start(
+        self, weights: Sequence[tuple[SparseParametrization, Tensor]], optimizers: Sequence[Optimizer]
+    ) -> list[str]:
+        """Put each threshold in the param group of its weight, so your optimizer and LR schedule train it.
+
+        Raises if `threshold_decay` is set and that optimizer has no weight decay. Warns when nothing
+        decays the thresholds (the model would stay dense), when a weight is in no optimizer, and when
+        the thresholds already prune every weight.
+        """
+        pairs = [(p, w) for p, w in weights if isinstance(p, LearnedSoftThreshold)]
+        groups: list[tuple[Optimizer, dict[str, Any]]] = []
+        unplaced = 0
+        for p, weight in pairs:
+            placed = [(o, g) for o in optimizers if (g := add_beside(o, p.s, weight)) is not None]
+            unplaced += not placed
+            groups += placed
+        for optimizer, group in groups:
+            if self.threshold_decay is not None and "weight_decay" not in group:
+                raise ValueError(
+                    f"`threshold_decay` needs an optimizer with weight decay, and {type(optimizer).__name__} has "
+                    "none; use one that has (SGD, Adam, AdamW, ...), or leave `threshold_decay` unset"
                 )
+        warnings = []
+        decays = [g.get("weight_decay", 0) for _, g in groups]
+        if groups and not (self.threshold_decay if self.threshold_decay is not None else any(decays)):
+            warnings.append(
+                "STR's sparsity comes from weight decay on its thresholds, and your optimizer applies none "
+                "to them: the model will stay dense. Pass `threshold_decay=` to STR / SparsityCallback."
+            )
+        if unplaced:
+            warnings.append(
+                f"{unplaced} sparsified weight(s) are in no optimizer, so their STR thresholds stay at "
+                f"s_init={self.s_init:g}; exclude those layers with `exclude=` if they are frozen on purpose."
+            )
         with torch.no_grad():
             if pairs and not any(bool(p.keep_mask(w).any()) for p, w in pairs):
                 warnings.append(
@@ -157,6 +176,17 @@ class STR(SparsityMethod):
                     "weights get no gradient. Use a much lower `s_init`, e.g. -5 for short runs or -100 (the default)."
                 )
         return warnings
+
+    @override
+    def before_optimizer_step(self, optimizer: Optimizer, layers: SparseLayers) -> None:
+        """Apply `threshold_decay` to the thresholds in place of their param group's decay."""
+        if self.threshold_decay is None:
+            return
+        thresholds = {id(p.s) for _, p in layers.values() if isinstance(p, LearnedSoftThreshold)}
+        for group in optimizer.param_groups:
+            held = [q for q in group["params"] if id(q) in thresholds]
+            if held:
+                decay_instead(optimizer, group, held, self.threshold_decay)
 
     @override
     def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:
