@@ -58,11 +58,13 @@ def test_a_method_from_outside_the_library_trains_with_the_callback(tmp_path: Pa
 
     layers = sparsity_parametrizations(model)
     assert list(layers) == ["conv", "fc"] and all(isinstance(p, KeepLargest) for _, p in layers.values())
-    assert callback.state_dict() == {"method": "half", "label": "half", "layers": ["conv", "fc"]}
+    assert callback.state_dict() == {
+        "method": "half", "label": "half", "layers": ["conv", "fc"], "total_steps": 16, "schedule_step": 16
+    }  # fmt: skip
     # The base class's defaults: nothing to adapt, nothing of its own to log, one object for every run.
     method = callback.method
     assert method.for_run(16) is method and method.for_run(math.inf) is method
-    assert method.on_fit_start(layers, [], []) == [] and method.metrics(1, layers) == {}
+    assert method.on_fit_start([], []) == [] and method.metrics(1, layers) == {} and method.target(1) is None
     assert method.owns(layers["fc"][1]) and not method.owns(nn.Identity())
     assert zeros(model.conv.weight) == 6 and zeros(model.fc.weight) == 32  # at or under the median: half
 

@@ -203,12 +203,11 @@ def test_for_run_turns_fractions_into_steps_and_names_into_schedules(method: ST3
         (ST3(0.9, end=0.5, freeze_at=3), 16, r"`freeze_at` \(step 3\) must not come before `end` \(step 8\)"),
         (ST3(0.9, end=10, freeze_at=0.3), 16, r"`freeze_at` \(step 5\) must not come before `end` \(step 10\)"),
         (ST3(0.9, start=0.9, end=3), 16, r"`end` \(step 3\) must come after `start` \(step 14\); the run has too few"),
-        (ST3(0.9), 1, r"`end` \(step 0\) must come after `start` \(step 0\); the run has too few optimizer steps"),
         (ST3(0.9), math.inf, r"^`start=0.05` is a fraction of training, but this Trainer has no known number of "
          r"optimizer steps; set `max_steps` or `max_epochs` on the Trainer, or give `start` as an int step$"),
         (ST3(schedule=LinearSchedule(0.5, 0, 4), freeze_at=0.9), math.inf, r"^`freeze_at=0.9` is a fraction"),
     ],
-    ids=["freeze-step-before-end", "freeze-fraction-before-end", "end-before-start", "too-short", "unknown-length",
+    ids=["freeze-step-before-end", "freeze-fraction-before-end", "end-before-start", "unknown-length",
          "unknown-length-schedule-object"],
 )  # fmt: skip
 def test_for_run_refuses_an_order_that_only_the_run_length_breaks(method: ST3, total: float, match: str) -> None:
@@ -262,3 +261,9 @@ def test_owns_only_its_own_parametrization_with_its_rescale() -> None:
     assert not ST3(0.5, rescale=False).owns(StraightThroughSoftThreshold(weight))
     assert not ST3(0.5).owns(LearnedSoftThreshold(s_init=-5.0))
     assert ST3(0.5, rescale=False).parametrization(weight).rescale is False
+
+
+def test_fractions_keep_their_order_on_a_one_step_run() -> None:
+    # `fast_dev_run`: 0.05 and 0.5 of one step both round to 0; the ramp still ends after it starts.
+    run = ST3(0.9, freeze_at=0.9).for_run(total_steps=1)
+    assert run.schedule == CubicSchedule(0.9, 0, 1) and run.freeze_at == 1

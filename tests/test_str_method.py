@@ -95,32 +95,52 @@ def _layers(s_init: float = -3.0) -> dict:
     return sparsity_parametrizations(net)
 
 
-def test_on_fit_start_gives_the_thresholds_their_own_decay_in_each_optimizer() -> None:
+def _distinct(layers: Any) -> list[tuple[Any, torch.Tensor]]:
+    return [(p, m.parametrizations.weight.original) for m, p in layers.values()]
+
+
+def test_on_fit_start_puts_each_threshold_in_the_group_of_its_weight() -> None:
     layers = _layers()
-    thresholds = [p.s for _, p in layers.values()]
-    weights = [m.parametrizations.weight.original for m, _ in layers.values()]
-    first = torch.optim.SGD([*weights, *thresholds], lr=0.1, weight_decay=5e-4)
-    second = torch.optim.SGD(thresholds, lr=0.2)
-    assert STR(threshold_decay=0.05).on_fit_start(layers, [first, second], []) == []
-    assert [(g["weight_decay"], len(g["params"])) for g in first.param_groups] == [(5e-4, 2), (0.05, 2)]
-    # All of `second` moved: its first group is left empty, the learning rate is kept.
-    assert [(g["weight_decay"], g["lr"], len(g["params"])) for g in second.param_groups] == [
-        (0, 0.2, 0), (0.05, 0.2, 2)
-    ]  # fmt: skip
+    (conv, p_conv), (fc, p_fc) = layers.values()
+    first = torch.optim.SGD([conv.parametrizations.weight.original], lr=0.1, weight_decay=5e-4)
+    second = torch.optim.Adam([fc.parametrizations.weight.original, p_fc.s], lr=0.2)
+    assert STR(threshold_decay=0.05).on_fit_start(_distinct(layers), [first, second]) == []
+    # No group is added (LR schedulers keep one entry per group): the thresholds join their weight's.
+    assert [len(g["params"]) for g in first.param_groups] == [2] and first.param_groups[0]["params"][1] is p_conv.s
+    assert [len(g["params"]) for g in second.param_groups] == [2]  # already held: not added twice
+
+
+def test_on_fit_start_refuses_threshold_decay_with_an_optimizer_without_weight_decay() -> None:
+    layers = _layers()
+    weights = [w for _, w in _distinct(layers)]
+    with pytest.raises(ValueError, match=r"`threshold_decay` needs an optimizer with weight decay, and Rprop has none"):
+        STR(threshold_decay=0.5).on_fit_start(_distinct(layers), [torch.optim.Rprop(weights, lr=0.1)])
 
 
 def test_on_fit_start_warns_when_nothing_decays_the_thresholds() -> None:
-    layers = _layers()
-    params = [p for module, _ in layers.values() for p in module.parameters()]
     dense = "your optimizer applies none to them: the model will stay dense. Pass `threshold_decay=`"
-    (warning,) = STR().on_fit_start(layers, [torch.optim.SGD(params, lr=0.1)], [])
+
+    def warnings(method: STR, **optimizer: Any) -> list[str]:
+        layers = _layers()
+        params = [p for module, _ in layers.values() for p in module.parameters()]
+        return method.on_fit_start(_distinct(layers), [torch.optim.SGD(params, lr=0.1, **optimizer)])
+
+    (warning,) = warnings(STR())
     assert dense in warning
-    assert STR().on_fit_start(layers, [torch.optim.SGD(params, lr=0.1, weight_decay=1e-4)], []) == []
-    assert STR(threshold_decay=0.0).on_fit_start(layers, [torch.optim.SGD(params, lr=0.1)], []) == []  # chosen
+    assert warnings(STR(), weight_decay=1e-4) == []
+    assert warnings(STR(threshold_decay=0.0)) == []  # chosen
+
+
+def test_on_fit_start_warns_about_weights_in_no_optimizer() -> None:
+    (warning,) = STR(threshold_decay=0.1).on_fit_start(_distinct(_layers()), [])
+    assert warning.startswith("2 sparsified weight(s) are in no optimizer, so their STR thresholds stay at s_init")
 
 
 def test_on_fit_start_warns_when_s_init_prunes_everything() -> None:
-    (warning,) = STR(s_init=50.0, threshold_decay=0.1).on_fit_start(_layers(s_init=50.0), [], [])
+    layers = _layers(s_init=50.0)
+    weights = [w for _, w in _distinct(layers)]
+    optimizer = torch.optim.SGD(weights, lr=0.1)
+    (warning,) = STR(s_init=50.0, threshold_decay=0.1).on_fit_start(_distinct(layers), [optimizer])
     assert warning.startswith("Every sparsified weight is at or under its STR threshold (sigmoid(s_init=50) = 1)")
     assert "Use a much lower `s_init`, e.g. -5 for short runs or -100 (the default)." in warning
 
@@ -165,7 +185,7 @@ def test_str_thresholds_are_in_the_users_optimizer_and_train(tmp_path: Path) -> 
     trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[callback, Spy()])
     trainer.fit(model, model.train_dataloader())
     assert seen["in_optimizer"]
-    assert seen["decay"] == [5e-4, 0.05]  # the thresholds got their own group, with their own decay
+    assert seen["decay"] == [5e-4]  # no group added: the thresholds are in their weights' group
     assert all(a != b for a, b in zip(seen["before"], seen["after"], strict=True))
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Linear))]
     assert any((w == 0).any() for w in weights)
@@ -182,14 +202,11 @@ class WarmupCosine(TinyNet):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: split_param_group does not reach the schedulers inside a SequentialLR (and extends its "
-    "`_milestones`), so STR with `threshold_decay` under a warmup + cosine schedule fails at the first step "
-    "(see test_optim.py::test_a_sequential_schedule_keeps_applying_to_moved_parameters)",
-)
 def test_threshold_decay_works_under_a_sequential_lr_schedule(tmp_path: Path) -> None:
+    dense = WarmupCosine()
+    make_trainer(tmp_path).fit(dense)
     model = WarmupCosine()
     make_trainer(tmp_path, callbacks=[SparsityCallback(STR(s_init=-3.0, threshold_decay=0.05))]).fit(model)
-    weights, thresholds = model.trainer.optimizers[0].param_groups
-    assert thresholds["lr"] == weights["lr"] and thresholds["weight_decay"] == 0.05
+    (group,) = model.trainer.optimizers[0].param_groups
+    assert group["lr"] == dense.trainer.optimizers[0].param_groups[0]["lr"]  # the user's LR trajectory
+    assert any((w == 0).any() for w in (model.conv.weight, model.fc.weight))

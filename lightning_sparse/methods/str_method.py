@@ -158,7 +158,7 @@ class STR(SparsityMethod):
                 )
         warnings = []
         decays = [g.get("weight_decay", 0) for _, g in groups]
-        if groups and not (self.threshold_decay if self.threshold_decay is not None else any(decays)):
+        if groups and self.threshold_decay is None and not any(decays):
             warnings.append(
                 "STR's sparsity comes from weight decay on its thresholds, and your optimizer applies none "
                 "to them: the model will stay dense. Pass `threshold_decay=` to STR / SparsityCallback."
