@@ -254,6 +254,13 @@ class SparsityCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
         if not self._stepped:
+            if self._added and _raised_in(exception, "configure_optimizers"):
+                exception.add_note(
+                    "lightning-sparse: `configure_optimizers` ran on the reparameterized model, where a sparsified "
+                    "weight is named `<layer>.parametrizations.weight.original` and STR adds `...weight.0.s`. If "
+                    "it groups parameters by name (e.g. names ending in `weight`), group them by module type or "
+                    "parameter identity instead (`module.parametrizations.weight.original` is the raw weight)."
+                )
             unparametrize_layers(self._added)  # nothing trained: give the model back as it came
             self._layers, self._added = {}, []
         elif self._layers:
@@ -339,9 +346,19 @@ _WEIGHT_AVERAGING = (StochasticWeightAveraging, WeightAveraging)
 _TARGET_TOLERANCE = 0.005  # fit ends within this of its target, up to exact ties at the threshold
 
 
+def _raised_in(exception: BaseException, function: str) -> bool:
+    traceback = exception.__traceback__
+    while traceback is not None:
+        if traceback.tb_frame.f_code.co_name == function:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
 def _undecayed_weights(layers: SparseLayers, optimizers: Sequence[Optimizer]) -> list[str]:
     """Sparsified layers whose weight gets no weight decay while other parameters do (name-based grouping)."""
-    decay = {id(p): g.get("weight_decay", 0) for o in optimizers for g in o.param_groups for p in g["params"]}
-    if not any(decay.values()):
+    groups = [g for o in optimizers for g in o.param_groups]
+    if not any(g.get("weight_decay", 0) for g in groups):
         return []
+    decay = {id(p): g.get("weight_decay", 0) for g in groups for p in g["params"]}
     return [name for name, (module, _) in layers.items() if decay.get(id(original_weight(module))) == 0]
