@@ -12,10 +12,11 @@ Like the callback, this module knows Lightning (its checkpoint format and `load_
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
-from typing import Any, TypeVar, cast
+from typing import IO, Any, TypeVar, cast
 
 import lightning.pytorch as pl
 import torch
@@ -37,18 +38,26 @@ __all__ = [
 
 _LightningModuleT = TypeVar("_LightningModuleT", bound=pl.LightningModule)
 
-_REPARAMETERIZED_KEY = re.compile(r"(?P<layer>(?:.+\.)?)parametrizations\.weight\.(?P<entry>original|0\..+)")
+_REPARAMETERIZED_KEY = re.compile(r"(?P<layer>(?:.+\.)?)parametrizations\.weight\.(?P<entry>original|\d+\..+)")
+_ENTRY_INDEX = re.compile(r"(?P<index>\d+)\.(?P<name>.+)")
 
 
 @torch.no_grad()
-def harden_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+def harden_state_dict(state_dict: Mapping[str, Any], layers: Collection[str] | None = None) -> dict[str, Any]:
     """The state dict of the hardened model, from one saved under lightning-sparse reparameterizations.
 
     Every lightning-sparse `<layer>.parametrizations.weight.*` group becomes `<layer>.weight`,
     holding the effective sparse weight (exact zeros, the method's shrink, rescale or frozen mask
     applied), computed by the method's own parametrization module in the saved dtypes. Everything else, other
     parametrizations included, passes through unchanged, in order. The result loads with strict
-    keys into the unmodified model.
+    keys into the unmodified model. As `harden` does, parametrizations stacked on lightning-sparse's
+    stay: the group keeps them, on `original` holding the effective sparse weight (one without state
+    leaves no trace in a state dict, so then the group becomes `<layer>.weight`).
+
+    A group that is lightning-sparse's but lacks entries (a damaged or filtered state dict) raises a
+    `ValueError` naming the layer and the missing keys. `layers`, the names of the layers sparsified
+    (as a checkpoint's SparsityCallback state lists them), makes that check exact: each of their
+    groups must be lightning-sparse's.
 
     Example:
         >>> from torch import nn
@@ -66,42 +75,75 @@ def harden_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in state_dict.items():
         if match := _REPARAMETERIZED_KEY.fullmatch(key):
             groups.setdefault(match["layer"], {})[match["entry"]] = value
-    effective = {layer: _effective_weight(entries) for layer, entries in groups.items()}
+    effective = {layer: _effective_weight(layer, entries) for layer, entries in groups.items()}
+    for name in layers or ():
+        prefix = f"{name}." if name else ""
+        if prefix in groups and effective[prefix] is None:
+            found = ", ".join(f"{prefix}parametrizations.weight.{entry}" for entry in groups[prefix])
+            raise ValueError(
+                f"layer {name!r} was sparsified, but its saved reparameterization is no lightning-sparse one: its "
+                f"entries are {found}, without the method's state ({prefix}parametrizations.weight.0.*); the state "
+                "dict is damaged or incomplete"
+            )
     hardened: dict[str, Any] = OrderedDict()
     for key, value in state_dict.items():
         match = _REPARAMETERIZED_KEY.fullmatch(key)
-        # Each layer's weight goes before its first other entry, where `harden` puts it too.
         layer = match["layer"] if match else key[: key.rfind(".") + 1]
-        if effective.get(layer) is not None and f"{layer}weight" not in hardened:
-            hardened[f"{layer}weight"] = effective[layer]
-        if match is None or effective[match["layer"]] is None:
+        weight = effective.get(layer)
+        if weight is None:
             hardened[key] = value
+        elif not any(entry != "original" and not entry.startswith("0.") for entry in groups[layer]):
+            # Each layer's weight goes before its first other entry, where `harden` puts it too.
+            hardened.setdefault(f"{layer}weight", weight)
+            if match is None:
+                hardened[key] = value
+        elif match is None:
+            hardened[key] = value
+        elif match["entry"] == "original":
+            hardened[key] = weight
+        elif (entry := _ENTRY_INDEX.fullmatch(match["entry"])) and entry["index"] != "0":
+            # Parametrizations stacked on ours stay, one place down, as `harden` leaves them.
+            hardened[f"{layer}parametrizations.weight.{int(entry['index']) - 1}.{entry['name']}"] = value
     if hasattr(state_dict, "_metadata"):
         hardened._metadata = state_dict._metadata  # type: ignore[attr-defined]  # module versions, for loading
     return hardened
 
 
-def _effective_weight(entries: dict[str, Any]) -> Tensor | None:
-    """The effective weight of one layer's saved lightning-sparse reparameterization; None for any other."""
-    original = entries["original"]
-    state = {name.removeprefix("0."): value for name, value in entries.items() if name != "original"}
+def _effective_weight(layer: str, entries: dict[str, Any]) -> Tensor | None:
+    """The effective weight of one layer's saved lightning-sparse reparameterization (the first in its
+    chain); None for any other. Raises for a lightning-sparse one that lacks entries."""
+    original = entries.get("original")
+    if original is None:
+        return None
+    state = {name.removeprefix("0."): value for name, value in entries.items() if name.startswith("0.")}
     for parametrization_class in PARAMETRIZATIONS:
-        parametrization = parametrization_class.from_state_dict(original, state)
+        try:
+            parametrization = parametrization_class.from_state_dict(original, state)
+        except KeyError as error:
+            missing = ", ".join(f"{layer}parametrizations.weight.0.{key}" for key in error.args)
+            raise ValueError(
+                f"layer {layer.removesuffix('.')!r}: its saved {parametrization_class.__name__} lacks {missing}; "
+                "the state dict is damaged or incomplete, and cannot be hardened"
+            ) from None
         if parametrization is not None:
             return cast(Tensor, parametrization(original))
     return None
 
 
-def read_checkpoint(path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+def read_checkpoint(path: _PATH | IO[bytes], weights_only: bool | None = None) -> dict[str, Any]:
     """Load a checkpoint on the CPU; a local file is memory-mapped, so tensors not used are not read.
 
-    Remote paths (``s3://``, ``gs://``, ... anything fsspec opens) are read in full.
+    Remote paths (``s3://``, ``gs://``, ... anything fsspec opens) and file objects (an open file, a
+    `BytesIO`), as `load_from_checkpoint` takes them, are read in full.
 
     Example:
         >>> read_checkpoint("checkpoints/last.ckpt")["callbacks"]["SparsityCallback"]  # doctest: +SKIP
         {'method': ..., 'target_sparsity': 0.9, 'start': 0.05, ..., 'layers': ['conv1', 'fc']}
     """
     checkpoint: dict[str, Any]
+    if not isinstance(path, (str, os.PathLike)):
+        checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only)
+        return checkpoint
     fs, fs_path = url_to_fs(str(path))
     if isinstance(fs, LocalFileSystem):
         checkpoint = torch.load(fs_path, map_location="cpu", mmap=True, weights_only=weights_only)
@@ -113,7 +155,7 @@ def read_checkpoint(path: _PATH, weights_only: bool | None = None) -> dict[str, 
 
 def load_hardened(
     module_class: type[_LightningModuleT],
-    checkpoint_path: _PATH,
+    checkpoint_path: _PATH | IO[bytes],
     map_location: _MAP_LOCATION_TYPE = None,
     weights_only: bool | None = None,
     **kwargs: Any,
@@ -122,20 +164,30 @@ def load_hardened(
 
     Returns a plain `module_class` (no reparameterization, exact zeros in its sparse weights), as
     `harden` would have left it at the end of `fit`. Hyperparameters, `map_location`, `strict`,
-    `hparams_file` and `__init__` overrides in `kwargs` work as in `load_from_checkpoint`.
-    A checkpoint of a hardened or dense model loads unchanged.
+    `hparams_file` and `__init__` overrides in `kwargs` work as in `load_from_checkpoint`;
+    `checkpoint_path` may be a file object too. A checkpoint of a hardened or dense model (or a
+    `save_weights_only` one) loads unchanged. A checkpoint that lacks a sparsified layer's method
+    state raises a `ValueError` naming the layer.
 
     Example:
         >>> model = load_hardened(MyModule, "checkpoints/last.ckpt")  # doctest: +SKIP
     """
     checkpoint = read_checkpoint(checkpoint_path, weights_only=weights_only)
-    checkpoint["state_dict"] = harden_state_dict(checkpoint["state_dict"])
+    checkpoint["state_dict"] = harden_state_dict(checkpoint["state_dict"], _sparsified_layers(checkpoint))
     # `load_from_checkpoint` reads a file, so hand it the hardened checkpoint as one: it then does
     # everything it does for a dense checkpoint (hyperparameters, hooks, migration, map_location).
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     buffer.seek(0)
     return module_class.load_from_checkpoint(buffer, map_location=map_location, weights_only=weights_only, **kwargs)
+
+
+def _sparsified_layers(checkpoint: Mapping[str, Any]) -> list[str] | None:
+    """The layers a checkpoint's SparsityCallback state (under any state key) lists as sparsified, if it has one."""
+    for state in checkpoint.get("callbacks", {}).values():
+        if isinstance(state, Mapping) and {"method", "layers", "schedule_step"} <= state.keys():
+            return list(state["layers"])
+    return None
 
 
 def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:

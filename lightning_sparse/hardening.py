@@ -7,7 +7,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from lightning_sparse.layers import remove_parametrization, sparsity_parametrizations
+from lightning_sparse.layers import check_removable, remove_parametrization, sparsity_parametrizations
 from lightning_sparse.methods.base import original_weight
 
 __all__ = ["harden"]
@@ -24,6 +24,11 @@ def harden(module: _ModuleT) -> _ModuleT:
     and rescale are baked in, thresholds and masks are gone, and `state_dict()` keys equal the
     unmodified model's. A model without lightning-sparse reparameterizations is returned as is.
 
+    Only lightning-sparse's parametrizations are removed: one of yours registered after it on the same
+    weight stays, on the hardened raw weight, so the model computes what it computed before. One under
+    it (which lightning-sparse never stacks on) would have to be baked in too: that raises a `ValueError`
+    before anything changes.
+
     Example:
         >>> from torch.nn.utils import parametrize
         >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
@@ -32,8 +37,11 @@ def harden(module: _ModuleT) -> _ModuleT:
         >>> sorted(harden(layer).state_dict())
         ['bias', 'weight']
     """
+    layers = sparsity_parametrizations(module)
+    for name, (layer, _) in layers.items():
+        check_removable(name, layer)
     done: set[int] = set()
-    for layer, _ in sparsity_parametrizations(module).values():
+    for layer, _ in layers.values():
         weight = original_weight(layer)
         # A tied weight already holds its effective value after the first of its layers.
         remove_parametrization(layer, bake=id(weight) not in done)

@@ -6,8 +6,12 @@ import fnmatch
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
+import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from lightning_sparse.methods.base import SparseLayers, SparseParametrization, weight_parametrizations
 
@@ -15,6 +19,7 @@ __all__ = [
     "SPARSIFIABLE_TYPES",
     "LayerFilter",
     "check_filters",
+    "check_removable",
     "parametrize_layers",
     "remove_parametrization",
     "select_layers",
@@ -67,18 +72,36 @@ def select_layers(
 
     By default every Conv1d/2d/3d and Linear, first and last layers included. `include` replaces
     that default, `exclude` removes from it. A filter that matches no module is an error, since it
-    is almost always a typo in a name.
+    is almost always a typo in a name. A selected module whose weight cannot be sparsified is an
+    error naming it, before anything changes: a 1-D weight (a norm layer's scale: ST-3's rescale
+    is per output channel, and sparsifying a norm is not what either paper does), a weight that
+    `torch.nn.utils.spectral_norm` or `weight_norm` recompute before each forward (a hook, which
+    would overwrite a reparameterization), and a lazy module's weight before its first forward.
+    Modules whose `weight` is None are no candidates. No parametrization is run (a spectral norm's
+    power iteration would update its state).
 
     Example:
         >>> net = nn.Sequential(nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(8, 2))
         >>> list(select_layers(net, exclude=["3"]))
         ['0']
+        >>> select_layers(net, include=["*"])  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: Cannot sparsify these layers, which `include`/`exclude` select:
+        - '1': its weight is 1-D (shape (4,)): ...
     """
-    candidates = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "weight", None), nn.Parameter) or parametrize.is_parametrized(module, "weight")
-    }
+    candidates: dict[str, nn.Module] = {}
+    problems: dict[str, str] = {}
+    for name, module in model.named_modules():
+        # Checked first: reading a parametrized `module.weight` would compute it.
+        if parametrize.is_parametrized(module, "weight"):
+            candidates[name] = module
+            continue
+        problem = _unsparsifiable(module)
+        if problem is not None:
+            candidates[name], problems[name] = module, problem
+        elif isinstance(getattr(module, "weight", None), nn.Parameter):
+            candidates[name] = module
     for argument, filters in (("include", include), ("exclude", exclude)):
         for layer_filter in filters or ():
             if not any(_matches(name, module, layer_filter) for name, module in candidates.items()):
@@ -87,11 +110,45 @@ def select_layers(
                     f"modules with weights are: {', '.join(candidates) or 'none'}"
                 )
     include = list(include) if include is not None else list(SPARSIFIABLE_TYPES)
-    return {
+    selected = {
         name: module
         for name, module in candidates.items()
         if any(_matches(name, module, f) for f in include) and not any(_matches(name, module, f) for f in exclude)
     }
+    refused = {name: problems[name] for name in selected if name in problems}
+    if refused:
+        reasons = "\n".join(f"- {name!r}: {problem}" for name, problem in refused.items())
+        raise ValueError(
+            f"Cannot sparsify these layers, which `include`/`exclude` select:\n{reasons}\n"
+            f"Leave them dense with `exclude={list(refused)!r}` (added to any other `exclude`), or narrow `include`."
+        )
+    return selected
+
+
+def _unsparsifiable(module: nn.Module) -> str | None:
+    """Why `module.weight` (not parametrized) cannot be sparsified, if it is a weight that cannot; else None."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, (SpectralNorm, WeightNorm)) and hook.name == "weight":
+            function = "spectral_norm" if isinstance(hook, SpectralNorm) else "weight_norm"
+            return (
+                f"its weight is recomputed before each forward by `torch.nn.utils.{function}` (a hook, which would "
+                "overwrite a sparse weight); a normalised weight cannot be sparsified"
+            )
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None
+    if is_lazy(weight):
+        return (
+            f"it is a lazy module ({type(module).__name__}) whose weight has no shape yet; run one forward pass "
+            "before fitting, e.g. `self(self.example_input_array)` at the end of your LightningModule's "
+            "`configure_model`, or give the layer its input size"
+        )
+    if weight.dim() < 2:
+        return (
+            f"its weight is {weight.dim()}-D (shape {tuple(weight.shape)}): only weights with output and input "
+            "dimensions (conv, linear, embedding) are sparsified, not a norm layer's scale or another vector"
+        )
+    return None
 
 
 def sparsity_parametrizations(model: nn.Module) -> SparseLayers:
@@ -161,11 +218,37 @@ def unparametrize_layers(layers: Iterable[nn.Module]) -> None:
         remove_parametrization(module, bake=False)
 
 
+def check_removable(name: str, module: nn.Module) -> None:
+    """Raise unless `remove_parametrization` can take lightning-sparse's parametrization off `module.weight`:
+    it must be the first (innermost) one, whatever comes after it.
+
+    Example:
+        >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
+        >>> layer = nn.utils.parametrizations.orthogonal(nn.Linear(2, 2))
+        >>> _ = parametrize.register_parametrization(layer, "weight", LearnedSoftThreshold(s_init=0.0))
+        >>> check_removable("fc", layer)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: layer 'fc' has a parametrization under lightning-sparse's on its weight (_Orthogonal), ...
+    """
+    stack = list(weight_parametrizations(module))
+    ours = [i for i, p in enumerate(stack) if isinstance(p, SparseParametrization)]
+    if ours != [0]:
+        under = ", ".join(type(p).__name__ for p in stack[: ours[0] if ours else len(stack)])
+        raise ValueError(
+            f"layer {name!r} has a parametrization under lightning-sparse's on its weight ({under}), so "
+            "lightning-sparse's cannot be taken off without baking that one in too; remove it first with "
+            "`torch.nn.utils.parametrize.remove_parametrizations`"
+        )
+
+
 def remove_parametrization(module: nn.Module, bake: bool) -> None:
     """Remove the parametrization of `module.weight`, writing the effective weight into it if `bake`.
 
     The weight keeps its place among the module's parameters, so `state_dict()` keys and
-    `parameters()` come back in the unmodified model's order.
+    `parameters()` come back in the unmodified model's order. Parametrizations stacked on top of
+    lightning-sparse's (registered after it) stay, on top of the raw weight with lightning-sparse's
+    effective weight written into it if `bake`; one under it is refused (`check_removable`).
 
     Example:
         >>> layer = nn.Linear(2, 2)
@@ -175,6 +258,16 @@ def remove_parametrization(module: nn.Module, bake: bool) -> None:
         >>> list(layer.state_dict())
         ['weight', 'bias']
     """
+    check_removable(type(module).__name__, module)
+    stack = weight_parametrizations(module)
+    if len(stack) > 1:
+        # Someone else's parametrizations come after ours: take ours out of the chain, theirs then see the raw
+        # weight, which holds what ours made of it if `bake`.
+        if bake:
+            with torch.no_grad():
+                stack.original.copy_(stack[0](stack.original))
+        del stack[0]
+        return
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=bake)
     # Removal re-registers `weight` last; torch's layers register it first.
     module._parameters = {"weight": module._parameters.pop("weight"), **module._parameters}

@@ -11,13 +11,20 @@ Logged keys, grouped so a W&B workspace puts each family in its own section:
 - the method's own keys, under ``sparsity/`` or ``threshold/``: a scheduled target
   (``sparsity/target``) and threshold (``sparsity/threshold``), or learned per-layer thresholds
   (``threshold/<module name>``).
+
+What rank zero alone does (logging, the table, the plot, the W&B table) never stops training: an error
+there becomes a warning, once per kind, so that the ranks of a distributed run end the same way. What
+must stop a run is decided by every rank together: sparsified weights that hold NaN or inf, which are
+never reported as sparsity, raise `NonFiniteWeightsError` on all ranks at the next log.
 """
 
 from __future__ import annotations
 
 import os
+import traceback
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 from lightning.fabric.utilities import move_data_to_device
@@ -29,7 +36,8 @@ from rich.table import Table
 
 from lightning_sparse.arguments import check_positive_int
 from lightning_sparse.methods.base import SparseLayers
-from lightning_sparse.stats import LayerStats, dense_flops, sparse_stats
+from lightning_sparse.stats import LayerStats, dense_flops, non_finite_weights, sparse_stats
+from lightning_sparse.thresholds import NonFiniteWeightsError
 
 __all__ = ["KEY_PREFIXES", "PLOT_FILE", "STEP_KEY", "SparsityReport"]
 
@@ -37,6 +45,7 @@ STEP_KEY = "trainer/global_step"
 """The x-axis WandbLogger writes with every row; our keys are plotted against it."""
 KEY_PREFIXES = ("sparsity", "layer_sparsity", "flops", "threshold")
 PLOT_FILE = "sparsity_budget.png"
+_T = TypeVar("_T")
 # Typed as `wandb.Table` takes its columns.
 _TABLE_COLUMNS: list[str | int] = ["layer", "shape", "params", "nonzeros", "density", "dense_flops", "sparse_flops"]
 
@@ -65,19 +74,18 @@ class SparsityReport:
         self.every_n_steps = None if every_n_steps is None else check_positive_int("log_every_n_steps", every_n_steps)
         self._dense: dict[str, int] | None = None
         self._history: list[tuple[int, float, float | None]] = []  # step, global sparsity, target
+        self._failed: set[str] = set()  # what rank zero could not do, warned about once
 
     def on_train_start(self, trainer: pl.Trainer) -> None:
         """Plot our keys against the trainer's step in W&B, also in a run Lightning did not create."""
         # Measured afresh for each fit: it may run another model or other input shapes.
         self._dense = None
         self._history = []
+        self._failed = set()
         if not trainer.is_global_zero:
             return
         for logger in _wandb_loggers(trainer):
-            run = logger.experiment
-            run.define_metric(STEP_KEY)
-            for prefix in KEY_PREFIXES:
-                run.define_metric(f"{prefix}/*", step_metric=STEP_KEY)
+            self._rank_zero("set up W&B's step axis for the sparsity keys", partial(_define_metrics, logger))
 
     def on_optimizer_step(
         self,
@@ -96,9 +104,15 @@ class SparsityReport:
             self._dense = _measure_dense_flops(trainer, pl_module, batch)
         # Set on the Trainer by Lightning's logger connector, outside the class body its type comes from.
         every = self.every_n_steps or trainer.log_every_n_steps  # type: ignore[attr-defined]
-        if trainer.global_step % every or not trainer.is_global_zero:
+        if trainer.global_step % every:
             return
-        self._log(trainer, sparse_stats(pl_module, self._dense), layers, method_metrics)
+        _check_finite(trainer, layers)
+        if trainer.is_global_zero:
+            stats = self._rank_zero(
+                "count the sparsified weights' non-zeros", lambda: sparse_stats(pl_module, self._dense or {})
+            )
+            if stats is not None:
+                self._log(trainer, stats, layers, method_metrics)
 
     def on_train_end(
         self,
@@ -108,20 +122,32 @@ class SparsityReport:
         method_metrics: Callable[[], Mapping[str, float]],
     ) -> float | None:
         """Log the final values unless just logged, print the per-layer table, save the PNG and log the
-        W&B budget table (rank zero). Returns the global sparsity reached (None on other ranks)."""
+        W&B budget table (rank zero). Returns the global sparsity reached (None on other ranks, or if
+        the sparsified layers have no entries)."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
+        _check_finite(trainer, layers)
         if not trainer.is_global_zero:
             return None
-        stats = sparse_stats(pl_module, self._dense or {})
+        stats = self._rank_zero(
+            "count the sparsified weights' non-zeros", lambda: sparse_stats(pl_module, self._dense or {})
+        )
+        if stats is None:
+            return None
         if layers and (not self._history or self._history[-1][0] != trainer.global_step):
             # So the last logged values are the final model's, whatever the logging interval.
             self._log(trainer, stats, layers, method_metrics)
-        _print_table(stats, set(layers))
+        sparsified = set(layers)
+        self._rank_zero("print the per-layer budget table", lambda: _print_table(stats, sparsified))
         if log_dir is not None:
-            _save_plot(stats, set(layers), self._history, os.path.join(log_dir, PLOT_FILE))
+            path = os.path.join(log_dir, PLOT_FILE)
+            self._rank_zero(f"save the budget plot {path}", lambda: _save_plot(stats, sparsified, self._history, path))
         for logger in _wandb_loggers(trainer):
-            _log_wandb_budget(logger, stats, trainer.global_step)
-        return _metrics(stats, layers)["sparsity/global"] if layers else None
+            self._rank_zero(
+                "log the budget table to W&B", partial(_log_wandb_budget, logger, stats, trainer.global_step)
+            )
+        if not any(s.params for s in stats if s.name in sparsified):
+            return None  # nothing to prune: no sparsity to compare with a target
+        return _metrics(stats, layers)["sparsity/global"]
 
     def _log(
         self,
@@ -130,10 +156,51 @@ class SparsityReport:
         layers: SparseLayers,
         method_metrics: Callable[[], Mapping[str, float]],
     ) -> None:
-        metrics = {**_metrics(stats, layers), **method_metrics()}
+        metrics = self._rank_zero(
+            "compute the sparsity metrics", lambda: {**_metrics(stats, layers), **method_metrics()}
+        )
+        if metrics is None:
+            return
         self._history.append((trainer.global_step, metrics["sparsity/global"], metrics.get("sparsity/target")))
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            self._rank_zero(
+                f"log sparsity metrics to {type(logger).__name__}",
+                partial(logger.log_metrics, metrics, step=trainer.global_step),
+            )
+
+    def _rank_zero(self, what: str, action: Callable[[], _T]) -> _T | None:
+        """`action()`, part of what rank zero does alone; an error becomes a warning (once per `what`) and None.
+
+        Raising would stop rank zero alone: the other ranks would wait for it at their next collective, or
+        finish and save without it. A report is not worth a training run either.
+        """
+        try:
+            return action()
+        except Exception as error:
+            if what not in self._failed:
+                self._failed.add(what)
+                rank_zero_warn(
+                    f"lightning-sparse could not {what} ({type(error).__name__}: {error}); training goes on without "
+                    f"it, and further such errors are not shown.\n{''.join(traceback.format_exception(error))}"
+                )
+            return None
+
+
+def _check_finite(trainer: pl.Trainer, layers: SparseLayers) -> None:
+    """Raise `NonFiniteWeightsError` on every rank if the sparsified weights of any rank hold NaN or inf.
+
+    A collective under DDP (each rank checks its own weights): every rank calls it at the same steps.
+    """
+    non_finite = non_finite_weights(layers)
+    if trainer.strategy.reduce_boolean_decision(bool(non_finite), all=False):
+        raise NonFiniteWeightsError(non_finite, step=trainer.global_step)
+
+
+def _define_metrics(logger: WandbLogger) -> None:
+    run = logger.experiment
+    run.define_metric(STEP_KEY)
+    for prefix in KEY_PREFIXES:
+        run.define_metric(f"{prefix}/*", step_metric=STEP_KEY)
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
@@ -163,7 +230,8 @@ def _measure_dense_flops(trainer: pl.Trainer, pl_module: pl.LightningModule, bat
 def _metrics(stats: Sequence[LayerStats], layers: SparseLayers) -> dict[str, float]:
     sparsified = [s for s in stats if s.name in layers]
     params = sum(s.params for s in sparsified)
-    metrics = {"sparsity/global": 1.0 - sum(s.nonzeros for s in sparsified) / params}
+    # Layers without entries have nothing pruned: sparsity 0, as `LayerStats.sparsity` has it for each.
+    metrics = {"sparsity/global": 1.0 - sum(s.nonzeros for s in sparsified) / params if params else 0.0}
     metrics.update({f"layer_sparsity/{s.name}": s.sparsity for s in sparsified})
     dense = sum(s.dense_flops for s in stats)
     if dense:

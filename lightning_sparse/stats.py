@@ -5,10 +5,15 @@ sample, no bias, BatchNorm, activations or pooling. Dense counts come from one r
 `torch.utils.flop_counter.FlopCounterMode`, so any architecture works; sparse counts are dense
 counts scaled by each layer's density, which only needs the layers' non-zeros (cheap), so a
 training loop measures dense counts once and calls `sparse_stats` at each log.
+
+A NaN or inf entry is never counted as a zero: a keep mask prunes a NaN (`NaN > t` is false), but the
+effective weight there is NaN. Layers without a weight tensor (`weight=None`, a lazy layer not yet
+materialized) have no budget and are left out.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,17 +21,23 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_sparse.layers import SPARSIFIABLE_TYPES, sparsity_parametrizations
-from lightning_sparse.methods.base import SparseParametrization, original_weight
+from lightning_sparse.methods.base import SparseLayers, SparseParametrization, original_weight, weight_parametrizations
+from lightning_sparse.thresholds import count_non_finite
 
-__all__ = ["LayerStats", "dense_flops", "layer_stats", "sparse_stats"]
+__all__ = ["LayerStats", "dense_flops", "layer_stats", "non_finite_weights", "sparse_stats"]
 
 
 @dataclass(frozen=True)
 class LayerStats:
     """The budget of one layer. FLOPs are multiply-accumulates per sample.
+
+    `nonfinite` entries (NaN or inf) are counted among the `nonzeros`. An empty layer (no entries) has
+    sparsity 0.
 
     Example:
         >>> s = LayerStats("fc", (10, 20), params=200, nonzeros=50, dense_flops=200)
@@ -39,6 +50,7 @@ class LayerStats:
     params: int
     nonzeros: int
     dense_flops: int
+    nonfinite: int = 0
 
     @property
     def density(self) -> float:
@@ -94,45 +106,103 @@ def dense_flops(module: nn.Module, example_input: Any) -> dict[str, int]:
     }
 
 
+@torch.no_grad()
 def sparse_stats(module: nn.Module, dense: Mapping[str, int]) -> list[LayerStats]:
     """`LayerStats` of `module` from already measured dense counts: counts non-zeros, no forward.
 
     A reparameterized layer's non-zeros come from its keep mask, which is what its effective weight
-    has, without computing that weight. A weight shared by several layers counts once per layer.
+    has, without computing that weight; its NaN and inf entries count as non-zeros too. A weight
+    shared by several layers counts once per layer.
 
     Example:
         >>> layer = nn.Linear(4, 3)
         >>> with torch.no_grad():
         ...     _ = layer.weight[0].zero_()
-        >>> sparse_stats(layer, {"": 12})[0].sparse_flops
-        8
+        ...     layer.weight[1, 0] = float("nan")
+        >>> stats = sparse_stats(layer, {"": 12})[0]
+        >>> stats.sparse_flops, stats.nonfinite
+        (8, 1)
     """
     layers = _layers(module)
-    weights, counts = {}, []
+    weights, counts, sums = {}, [], []
     for name, (layer, parametrization) in layers.items():
         if parametrization is None:
-            weights[name] = cast(Tensor, layer.weight).detach()
-            counts.append(torch.count_nonzero(weights[name]))
+            weights[name] = _dense_weight(layer)
+            counts.append(torch.count_nonzero(weights[name]))  # a NaN is not a zero
         else:
             # `layer.weight` would recompute the effective weight; the mask is cheap.
             weights[name] = original_weight(layer).detach()
             counts.append(parametrization.keep_mask(weights[name]).sum())
+        # Non-finite if any entry is: a reduction, no copy of the weight.
+        sums.append(weights[name].sum(dtype=torch.float32))
     # One host sync for all layers rather than one per layer.
-    nonzeros = torch.stack(counts).tolist() if counts else []
+    values = torch.stack([t.double() for t in (*counts, *sums)]).tolist() if counts else []
+    nonzeros = dict(zip(weights, map(int, values[: len(counts)]), strict=True))
+    totals = dict(zip(weights, values[len(counts) :], strict=True))
+    # Rare: exact counts, and for a reparameterized layer its non-finite entries among the non-zeros.
+    non_finite = count_non_finite({name: w for name, w in weights.items() if not math.isfinite(totals[name])})
+    for name in non_finite:
+        parametrization = layers[name][1]
+        if parametrization is not None:
+            weight = weights[name]
+            nonzeros[name] = int((parametrization.keep_mask(weight) | ~torch.isfinite(weight)).sum())
     return [
-        LayerStats(name, tuple(weight.shape), weight.numel(), nz, dense.get(name, 0))
-        for (name, weight), nz in zip(weights.items(), nonzeros, strict=True)
+        LayerStats(name, tuple(weight.shape), weight.numel(), nonzeros[name], dense.get(name, 0), bad)
+        for (name, weight), bad in zip(weights.items(), (non_finite.get(n, (0, 0))[0] for n in weights), strict=True)
     ]
 
 
 def _layers(module: nn.Module) -> dict[str, tuple[nn.Module, SparseParametrization | None]]:
-    """Conv/linear layers and any other sparsified layer, with their reparameterization if any."""
+    """Conv/linear layers with a weight tensor and any other sparsified layer, with their reparameterization if any."""
     sparsified = sparsity_parametrizations(module)
     return {
         name: sparsified.get(name, (layer, None))
         for name, layer in module.named_modules()
-        if name in sparsified or isinstance(layer, SPARSIFIABLE_TYPES)
+        if name in sparsified or (isinstance(layer, SPARSIFIABLE_TYPES) and _has_weight(layer))
     }
+
+
+def _has_weight(layer: nn.Module) -> bool:
+    """Whether `layer.weight` is a tensor with a shape (not None, not an uninitialized lazy parameter)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return True  # without computing it
+    weight = getattr(layer, "weight", None)
+    return isinstance(weight, Tensor) and not is_lazy(weight)
+
+
+def _dense_weight(layer: nn.Module) -> Tensor:
+    """`layer.weight`, computed in eval mode if a parametrization makes it: in training mode one may update its
+    state (spectral norm's power iteration), and counting must change nothing."""
+    if not parametrize.is_parametrized(layer, "weight"):
+        return cast(Tensor, layer.weight).detach()
+    with _eval_mode(weight_parametrizations(layer)):
+        return cast(Tensor, layer.weight).detach()
+
+
+@torch.no_grad()
+def non_finite_weights(layers: SparseLayers) -> dict[str, tuple[int, int]]:
+    """The sparsified layers whose raw weights hold NaN or inf, with the count of such entries and the size.
+
+    One reduction per weight and one host sync for all; tied layers are checked once, under their first name.
+
+    Example:
+        >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
+        >>> layer = nn.Linear(2, 2)
+        >>> _ = parametrize.register_parametrization(layer, "weight", LearnedSoftThreshold(s_init=-5.0))
+        >>> with torch.no_grad():
+        ...     original_weight(layer)[0, 0] = float("nan")
+        >>> non_finite_weights({"fc": (layer, weight_parametrizations(layer)[0])})
+        {'fc': (1, 4)}
+    """
+    first: dict[int, tuple[str, nn.Module]] = {}
+    for name, (module, parametrization) in layers.items():
+        first.setdefault(id(parametrization), (name, module))
+    weights = {name: original_weight(module).detach() for name, module in first.values()}
+    if not weights:
+        return {}
+    finite = torch.stack([torch.isfinite(w.sum(dtype=torch.float32)) for w in weights.values()]).tolist()
+    # A sum can also overflow to inf; then no entry is non-finite, and `count_non_finite` finds none.
+    return count_non_finite({name: w for (name, w), ok in zip(weights.items(), finite, strict=True) if not ok})
 
 
 def _call(module: nn.Module, example_input: Any) -> Any:

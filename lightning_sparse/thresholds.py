@@ -1,19 +1,58 @@
-"""Global magnitude threshold: the budget distribution of ST-3 (one quantile over all layers)."""
+"""Global magnitude threshold: the budget distribution of ST-3 (one quantile over all layers), and the error
+for weights no threshold or sparsity can be taken of (NaN, inf)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["global_magnitude_threshold"]
+__all__ = ["NonFiniteWeightsError", "count_non_finite", "global_magnitude_threshold"]
 
 # Above this many elements, a strided sample brackets the quantile and only the elements inside
 # the bracket are selected exactly: a few cheap passes instead of a full selection, which costs
 # ~0.4 s on 11 M CPU floats (and `torch.quantile` refuses more than 2^24 elements at all).
 _SAMPLE_SIZE = 1 << 16
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """Sparsified weights hold NaN or inf: training has diverged, and no sparsity can be set or measured.
+
+    `layers` maps each such layer's name to its count of non-finite entries and its size; `step` is the
+    optimizer step after which they were found, if known.
+
+    Example:
+        >>> raise NonFiniteWeightsError({"fc": (3, 64)}, step=7)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        lightning_sparse.thresholds.NonFiniteWeightsError: lightning-sparse: sparsified weights hold NaN or inf after \
+optimizer step 7: 'fc' (3 of 64 entries). ...
+    """
+
+    def __init__(self, layers: Mapping[str, tuple[int, int]], step: int | None = None) -> None:
+        self.layers, self.step = dict(layers), step
+        when = f" after optimizer step {step}" if step is not None else ""
+        found = ", ".join(f"{name!r} ({bad:,} of {size:,} entries)" for name, (bad, size) in self.layers.items())
+        super().__init__(
+            f"lightning-sparse: sparsified weights hold NaN or inf{when}: {found or 'on another process'}. Training "
+            "has diverged (a NaN or inf loss or gradient), and a NaN is not a zero: no mask or sparsity can be taken "
+            "of these weights. Lower the learning rate or clip gradients (e.g. `Trainer(gradient_clip_val=1.0)`) and "
+            "resume from a checkpoint saved before this step; `Trainer(detect_anomaly=True)` finds the operation "
+            "that first makes a NaN."
+        )
+
+
+def count_non_finite(weights: Mapping[str, Tensor]) -> dict[str, tuple[int, int]]:
+    """For each weight that holds NaN or inf: how many entries, and of how many. For the rare error path.
+
+    Example:
+        >>> count_non_finite({"a": torch.tensor([1.0, float("nan"), float("inf")]), "b": torch.ones(2)})
+        {'a': (2, 3)}
+    """
+    counts = {name: (int((~torch.isfinite(w)).sum()), w.numel()) for name, w in weights.items()}
+    return {name: count for name, count in counts.items() if count[0]}
 
 
 def global_magnitude_threshold(

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-from lightning_sparse import ST3, STR, SparsityCallback, harden
+from lightning_sparse import ST3, STR, SparsityCallback, harden, harden_state_dict
 from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_parametrizations
 from lightning_sparse.methods.base import SparsityMethod
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
@@ -72,6 +73,57 @@ def test_harden_leaves_a_plain_model_and_other_parametrizations_alone() -> None:
     harden(net)
     assert not sparsity_parametrizations(net)
     assert nn.utils.parametrize.is_parametrized(net[1], "weight")  # not ours: kept
+
+
+class Double(nn.Module):
+    """Someone else's parametrization: twice the weight (from a buffer, so it shows in state dicts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("factor", torch.tensor(2.0))
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return self.factor * weight
+
+
+@pytest.mark.parametrize("method", list(SPARSIFY))
+def test_harden_removes_only_ours_and_keeps_a_parametrization_stacked_on_it(method: str) -> None:
+    net = _net()
+    SPARSIFY[method](net)
+    ours = net[3].weight.detach().clone()
+    parametrize.register_parametrization(net[3], "weight", Double())
+    saved = {k: v.clone() if isinstance(v, Tensor) else v for k, v in net.state_dict().items()}
+    x = torch.randn(5, 1, 8)
+    net.eval()
+    expected = net(x)
+
+    harden(net)
+
+    assert not sparsity_parametrizations(net)
+    assert [type(p) for p in net[3].parametrizations.weight] == [Double]  # theirs, kept and not baked in
+    assert torch.equal(net[3].parametrizations.weight.original, ours)  # ours, baked into the raw weight
+    assert torch.equal(net(x), expected)
+    # The state dict is the one of the unmodified model with their parametrization, and `harden_state_dict` agrees.
+    plain = _net()
+    parametrize.register_parametrization(plain[3], "weight", Double())
+    assert list(net.state_dict()) == list(plain.state_dict())
+    hardened = harden_state_dict(saved)
+    assert list(hardened) == list(net.state_dict())
+    assert all(torch.equal(hardened[k], v) for k, v in net.state_dict().items())
+    assert "3.parametrizations.weight.0.factor" in hardened
+
+
+def test_harden_refuses_ours_on_top_of_another_parametrization_before_changing_anything() -> None:
+    net = _net()
+    parametrize.register_parametrization(net[3], "weight", Double())
+    parametrize.register_parametrization(net[3], "weight", LearnedSoftThreshold(s_init=-1.5))
+    parametrize_layers(select_layers(net, include=["0"]), lambda w: LearnedSoftThreshold(s_init=-1.5))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer '3' has a parametrization under lightning-sparse's .*\(Double\)"):
+        harden(net)
+    assert net.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert set(sparsity_parametrizations(net)) == {"0", "3"}
 
 
 def test_harden_twice_changes_nothing_more() -> None:

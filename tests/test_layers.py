@@ -11,7 +11,9 @@ from torch.nn.utils import parametrize
 
 from lightning_sparse.layers import (
     check_filters,
+    check_removable,
     parametrize_layers,
+    remove_parametrization,
     select_layers,
     sparsity_parametrizations,
     unparametrize_layers,
@@ -97,7 +99,7 @@ def test_select_layers_defaults_to_every_conv_and_linear() -> None:
 @pytest.mark.parametrize(
     ("include", "exclude", "expected"),
     [
-        (["encoder.*"], [], ["encoder.conv2", "encoder.conv3", "encoder.norm"]),  # include replaces the default
+        (["encoder.conv*"], [], ["encoder.conv2", "encoder.conv3"]),  # include replaces the default
         ([nn.Embedding, "head"], [], ["embed", "head"]),
         (None, ["encoder.*"], ["conv1", "head"]),
         (None, [nn.Conv2d, nn.Conv3d], ["conv1", "head"]),
@@ -126,6 +128,47 @@ def test_select_layers_refuses_a_filter_that_matches_nothing_listing_the_candida
     candidates = "modules with weights are: encoder.conv2, encoder.conv3, encoder.norm, embed, conv1, head$"
     with pytest.raises(ValueError, match=rf"{match}.*{candidates}"):
         select_layers(_net(), include, exclude)
+
+
+def test_select_layers_refuses_a_1d_weight_it_selects_naming_it_and_the_exclude_that_leaves_it_dense() -> None:
+    # `encoder.*` also matches the BatchNorm: ST-3's per-channel rescale means nothing for a 1-D weight.
+    with pytest.raises(
+        ValueError,
+        match=r"^Cannot sparsify these layers, which `include`/`exclude` select:\n- 'encoder.norm': its weight is 1-D "
+        r"\(shape \(2,\)\): .*\nLeave them dense with `exclude=\['encoder.norm'\]`",
+    ):
+        select_layers(_net(), include=["encoder.*"])
+
+
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_select_layers_refuses_hook_normalised_and_lazy_weights_and_skips_a_none_weight() -> None:
+    net = nn.Sequential(
+        nn.utils.spectral_norm(nn.Linear(3, 3)),
+        nn.utils.weight_norm(nn.Linear(3, 3)),
+        nn.LazyLinear(3),
+        nn.Linear(3, 3),
+    )
+    net[3].weight = None
+    with pytest.raises(ValueError) as raised:
+        select_layers(net)
+    lines = str(raised.value).splitlines()
+    assert lines[1].startswith("- '0': its weight is recomputed before each forward by `torch.nn.utils.spectral_norm`")
+    assert lines[2].startswith("- '1': its weight is recomputed before each forward by `torch.nn.utils.weight_norm`")
+    assert lines[3].startswith("- '2': it is a lazy module (LazyLinear) whose weight has no shape yet; run one forward")
+    assert (
+        lines[4]
+        == "Leave them dense with `exclude=['0', '1', '2']` (added to any other `exclude`), or narrow `include`."
+    )
+    assert select_layers(net, exclude=["0", "1", "2"]) == {}  # '3' has no weight: no candidate
+    with pytest.raises(ValueError, match="matches no module with a weight"):
+        select_layers(net, include=["3"])
+
+
+def test_select_layers_does_not_compute_a_parametrized_weight() -> None:
+    net = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 3)), nn.Linear(3, 3))
+    u = net[0].parametrizations.weight[0]._u.clone()
+    assert list(select_layers(net)) == ["0", "1"]  # then refused by `parametrize_layers`, as any parametrized weight
+    assert torch.equal(net[0].parametrizations.weight[0]._u, u)  # no power iteration ran
 
 
 def test_select_layers_sees_parametrized_weights_and_reports_none() -> None:
@@ -213,6 +256,33 @@ def test_unparametrize_layers_gives_back_the_parameters_in_their_order() -> None
     unparametrize_layers(list(net))
     assert list(net.state_dict()) == keys
     assert all(p is q for p, q in zip(net.parameters(), parameters, strict=True))
+
+
+class Double(nn.Module):
+    def forward(self, weight: Tensor) -> Tensor:
+        return 2 * weight
+
+
+@pytest.mark.parametrize("bake", [True, False])
+def test_remove_parametrization_keeps_one_stacked_on_ours(bake: bool) -> None:
+    net = nn.Sequential(nn.Linear(4, 4))
+    raw = net[0].weight.detach().clone()
+    parametrize_layers(select_layers(net), lambda w: LearnedSoftThreshold(s_init=-1.0))
+    ours = net[0].weight.detach().clone()
+    parametrize.register_parametrization(net[0], "weight", Double())
+
+    remove_parametrization(net[0], bake=bake)
+
+    assert [type(p) for p in net[0].parametrizations.weight] == [Double]
+    torch.testing.assert_close(net[0].weight, 2 * (ours if bake else raw))
+
+
+def test_check_removable_refuses_ours_on_top_of_another() -> None:
+    net = nn.Sequential(nn.Linear(3, 3))
+    parametrize.register_parametrization(net[0], "weight", Double())
+    parametrize.register_parametrization(net[0], "weight", LearnedSoftThreshold(s_init=-1.0))
+    with pytest.raises(ValueError, match=r"layer 'head' has a parametrization under lightning-sparse's .* \(Double\)"):
+        check_removable("head", net[0])
 
 
 def test_sparsity_parametrizations_ignores_other_parametrizations() -> None:

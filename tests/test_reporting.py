@@ -210,3 +210,45 @@ def test_works_without_wandb_installed(tmp_path: Path) -> None:
     (metrics,) = tmp_path.glob("lightning_logs/*/metrics.csv")
     header = metrics.read_text().splitlines()[0].split(",")
     assert "sparsity/global" in header and "flops/dense" not in header
+
+
+class BrokenLogger(CSVLogger):
+    """A CSV logger whose backend fails for lightning-sparse's metrics, from step `fail_from` on."""
+
+    def __init__(self, save_dir: Path, fail_from: int) -> None:
+        super().__init__(save_dir, name="broken")
+        self.fail_from = fail_from
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "sparsity/global" in metrics and (step or 0) >= self.fail_from:
+            raise ConnectionError("backend unreachable")
+        super().log_metrics(metrics, step)
+
+
+def test_a_failing_logger_is_a_warning_once_and_the_other_loggers_and_the_fit_go_on(tmp_path: Path) -> None:
+    callback = SparsityCallback("st3", target_sparsity=0.5, start=0, end=4)
+    broken, csv_logger = BrokenLogger(tmp_path, fail_from=3), CSVLogger(tmp_path)
+    with pytest.warns(UserWarning) as warned:
+        _fit(tmp_path, callback, _tiny(example_input=True), 6, logger=[broken, csv_logger])
+    messages = [str(w.message) for w in warned if "could not" in str(w.message)]
+    assert len(messages) == 1
+    assert messages[0].startswith(
+        "lightning-sparse could not log sparsity metrics to BrokenLogger (ConnectionError: backend unreachable); "
+        "training goes on without it"
+    )
+    assert "Traceback" in messages[0] and "raise ConnectionError" in messages[0]
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as f:
+        assert [int(row["step"]) for row in csv.DictReader(f) if row["sparsity/global"]] == list(range(1, 7))
+    with open(os.path.join(broken.log_dir, "metrics.csv")) as f:
+        assert [int(row["step"]) for row in csv.DictReader(f) if row["sparsity/global"]] == [1, 2]
+    assert os.path.getsize(os.path.join(broken.log_dir, PLOT_FILE)) > 0  # the rest of the report goes on
+
+
+def test_a_plot_that_cannot_be_saved_is_a_warning_and_the_table_still_appears(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / PLOT_FILE).mkdir()  # a directory where the PNG should go
+    callback = SparsityCallback("st3", target_sparsity=0.5, start=0, end=2)
+    with pytest.warns(UserWarning, match=r"could not save the budget plot .*sparsity_budget.png \(IsADirectoryError"):
+        _fit(tmp_path, callback, _tiny(), 3, logger=False)
+    assert "per-layer budget" in capsys.readouterr().out

@@ -16,6 +16,7 @@ from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, sigma_scale, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule
+from lightning_sparse.thresholds import NonFiniteWeightsError
 
 # --------------------------------------------------------------------- the parametrization, plain PyTorch
 
@@ -101,6 +102,60 @@ def test_st3_keeps_bf16_weights_bf16():
     update_thresholds([st3], [weight], sparsity=0.5)
     assert st3(weight).dtype == torch.bfloat16
     assert st3.threshold.dtype == torch.float32 and st3.scale.dtype == torch.float32
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])  # 0: no global selection, yet masks and rescales are set
+def test_update_thresholds_refuses_non_finite_weights_naming_them_before_any_layer_changes(
+    rescale: bool, bad: float, sparsity: float
+) -> None:
+    weights = [torch.randn(4, 3), torch.randn(2, 5), torch.randn(3, 3)]
+    layers = [StraightThroughSoftThreshold(w, rescale=rescale) for w in weights]
+    update_thresholds(layers, weights, sparsity=0.3)
+    before = [{k: v.clone() for k, v in p.state_dict().items() if isinstance(v, torch.Tensor)} for p in layers]
+    weights[1][1, 2] = bad
+    weights[2].fill_(bad)
+    with pytest.raises(
+        NonFiniteWeightsError, match=r"NaN or inf: 'b' \(1 of 10 entries\), 'c' \(9 of 9 entries\)\."
+    ) as e:
+        update_thresholds(layers, weights, sparsity=sparsity, names=["a", "b", "c"])
+    assert e.value.layers == {"b": (1, 10), "c": (9, 9)} and e.value.step is None
+    for p, state in zip(layers, before, strict=True):
+        assert all(torch.equal(p.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(NonFiniteWeightsError, match=r"'#1' \(1 of 10 entries\)"):
+        update_thresholds(layers, weights, sparsity=sparsity)  # unnamed: by position
+
+
+def test_st3_after_optimizer_step_names_layers_and_step_of_non_finite_weights() -> None:
+    method = ST3(0.5, start=0, end=2).for_run(total_steps=10)
+    net, layers = _sparse_layers(method)
+    with torch.no_grad():
+        net[2].parametrizations.weight.original[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"after optimizer step 3: '2' \(1 of \d+ entries\)\. Training has"):
+        method.after_optimizer_step(3, layers)
+
+
+def test_st3_rescale_of_a_1d_weight_is_per_entry_and_keeps_its_shape() -> None:
+    # `select_layers` refuses 1-D weights; the parametrization itself still keeps its buffers' shapes, so its
+    # state dict loads back.
+    weight = torch.tensor([0.5, -0.1, 0.3, 0.05])
+    st3 = StraightThroughSoftThreshold(weight)
+    update_thresholds([st3], [weight], sparsity=0.5)
+    assert st3.scale.shape == (4,) and st3.mask.tolist() == [True, False, True, False]
+    torch.testing.assert_close(st3(weight), torch.tensor([0.4, 0.0, 0.2, 0.0]))  # t = 0.1; kept entries: scale 1
+    assert StraightThroughSoftThreshold.from_state_dict(weight, st3.state_dict()) is not None
+
+
+def test_st3_from_state_dict_names_missing_entries_of_a_damaged_state() -> None:
+    weight = torch.randn(3, 2)
+    state = StraightThroughSoftThreshold(weight).state_dict()
+    del state["mask"], state["scale"]
+    with pytest.raises(KeyError) as raised:
+        StraightThroughSoftThreshold.from_state_dict(weight, state)
+    assert raised.value.args == ("mask", "scale")
+    # One entry alone could be another parametrization's (torch.ao's FakeSparsity has a `mask`): not ST-3's.
+    assert StraightThroughSoftThreshold.from_state_dict(weight, {"mask": torch.ones(3, 2, dtype=torch.bool)}) is None
 
 
 def test_parametrized_conv_sees_effective_weight():

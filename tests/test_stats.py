@@ -9,12 +9,13 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_sparse import layer_stats
-from lightning_sparse.layers import parametrize_layers, select_layers
+from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_parametrizations
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
-from lightning_sparse.stats import dense_flops, sparse_stats
+from lightning_sparse.stats import dense_flops, non_finite_weights, sparse_stats
 
 # STR's ResNet-50 at 90.23 % overall sparsity (Kusupati et al., ICML 2020, layer-wise budget table in
 # the appendix; also budgets/STR_Budgets_ResNet50.csv in RAIVNLab/STR): sparsity in % per layer, in
@@ -135,3 +136,38 @@ def test_reparameterized_layers_count_their_effective_nonzeros() -> None:
         assert s.sparse_flops == round(s.dense_flops * s.nonzeros / s.params)
     overall = 1 - sum(s.nonzeros for s in stats) / sum(s.params for s in stats)
     assert overall == pytest.approx(0.7, abs=1e-3)
+
+
+@pytest.mark.parametrize("frozen_st3", [False, True], ids=["str", "st3-frozen"])
+def test_nan_weights_count_as_non_zeros_not_as_pruned(frozen_st3: bool) -> None:
+    # 16 weights: 4 NaN, 8 under the threshold, 4 over it. The keep mask prunes the NaNs (NaN > t is false), so it
+    # says 75 % sparse; the effective weight has 8 zeros and 4 NaNs among its 8 non-zeros: 50 % sparse.
+    layer = nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([0.01] * 8 + [1.0] * 4 + [float("nan")] * 4).reshape(4, 4))
+    if frozen_st3:
+        st3 = StraightThroughSoftThreshold(layer.weight, rescale=False)
+        update_thresholds([st3], [layer.weight.nan_to_num(0.0)], sparsity=0.5)
+        parametrize.register_parametrization(layer, "weight", st3)
+        st3.frozen = True
+    else:
+        parametrize.register_parametrization(layer, "weight", LearnedSoftThreshold(s_init=math.log(0.1 / 0.9)))
+    (stats,) = sparse_stats(layer, {"": 16})
+    assert (stats.params, stats.nonzeros, stats.nonfinite, stats.sparsity) == (16, 8, 4, 0.5)
+    assert stats.nonzeros == int((layer.weight != 0).sum())  # the effective weight's count, NaN != 0
+    assert non_finite_weights(sparsity_parametrizations(layer)) == {"": (4, 16)}
+
+
+def test_layers_without_a_weight_tensor_are_left_out_and_an_empty_layer_is_not_sparse() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.LazyLinear(3), nn.Linear(0, 3))
+    model[0].weight = None
+    (stats,) = sparse_stats(model, {})
+    assert (stats.name, stats.shape, stats.params, stats.sparsity, stats.sparse_flops) == ("2", (3, 0), 0, 0.0, 0)
+
+
+def test_counting_a_parametrized_dense_layer_runs_no_power_iteration() -> None:
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 3)))
+    u = model[0].parametrizations.weight[0]._u.clone()
+    (stats,) = sparse_stats(model, {"0": 9})
+    assert stats.nonzeros == 9 and model[0].training
+    assert torch.equal(model[0].parametrizations.weight[0]._u, u)

@@ -6,18 +6,18 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import torch
 from torch import Tensor, nn
-from typing_extensions import Self, override
+from typing_extensions import override
 
 from lightning_sparse.arguments import StepOrFraction, check_bool, check_real, check_step_or_fraction
 from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod, distinct_weights
 from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule, Schedule
-from lightning_sparse.thresholds import global_magnitude_threshold
+from lightning_sparse.thresholds import NonFiniteWeightsError, count_non_finite, global_magnitude_threshold
 
-__all__ = ["ST3", "StraightThroughSoftThreshold", "sigma_scale", "update_thresholds"]
+__all__ = ["ST3", "StraightThroughSoftThreshold", "channel_totals", "sigma_scale", "update_thresholds"]
 
 _SCHEDULES: dict[str, type[LinearSchedule]] = {"cubic": CubicSchedule, "linear": LinearSchedule}
 _SCHEDULE_NAMES = (*_SCHEDULES, "constant")
@@ -88,26 +88,34 @@ class StraightThroughSoftThreshold(SparseParametrization):
     @classmethod
     @override
     def from_state_dict(cls, original: Tensor, state: Mapping[str, Any]) -> Self | None:
+        """ST-3's parametrization saved as `state`; None if `state` is not ST-3's. Raises a `KeyError` naming the
+        missing entries if `state` holds two or more of ST-3's entries and nothing else, but not all: that is a
+        damaged ST-3 state, not another parametrization's (one entry alone, e.g. a `mask`, could be)."""
         candidate = cls(original)
-        if candidate.state_dict().keys() != state.keys():
+        expected, given = set(candidate.state_dict()), set(state)
+        if given != expected:
+            if given < expected and len(given) >= 2:
+                raise KeyError(*sorted(expected - given))
             return None
         # `assign`: keep the saved dtypes, to compute as training did.
         candidate.load_state_dict(state, assign=True)
         return candidate
 
     @torch.no_grad()
-    def set_threshold(self, magnitude: Tensor, threshold: float, width: float = 1.0) -> None:
+    def set_threshold(
+        self, magnitude: Tensor, threshold: float, width: float = 1.0, total: Tensor | None = None
+    ) -> None:
         """Prune `magnitude` (= |w|, float32) at `threshold / width` and recompute the channel rescale.
 
         `width` is ST-3σ's normalisation: the mask compares `magnitude * width` with `threshold` exactly
         as the global selection did (`magnitude > threshold / width` rounds differently at the boundary).
+        `total` is `channel_totals(magnitude)`, if already computed.
         """
         self.threshold.fill_(threshold / width)
         torch.gt(magnitude * width if width != 1.0 else magnitude, threshold, out=self.mask)
         if self.rescale:
-            dims = tuple(range(1, magnitude.dim()))
-            total = magnitude.sum(dims, keepdim=True)
-            kept = (magnitude * self.mask).sum(dims, keepdim=True)
+            total = channel_totals(magnitude) if total is None else total
+            kept = channel_totals(magnitude * self.mask)
             # The paper code's 1.01 / (r + 0.01): about 1/r, bounded when a channel is fully pruned.
             kept_fraction = torch.where(total > 0, kept / total, torch.ones_like(total))
             torch.div(1.01, kept_fraction + 0.01, out=self.scale)
@@ -127,6 +135,20 @@ class StraightThroughSoftThreshold(SparseParametrization):
         self.frozen = state["frozen"]
 
 
+def channel_totals(magnitude: Tensor) -> Tensor:
+    """The L1 mass of each output channel (first dimension), shaped like the channel rescale.
+
+    A 1-D weight's entries are each their own channel (`sum` over no dimension would sum them all).
+
+    Example:
+        >>> channel_totals(torch.ones(2, 3, 4)).flatten().tolist(), channel_totals(torch.ones(3)).tolist()
+        ([12.0, 12.0], [1.0, 1.0, 1.0])
+    """
+    if magnitude.dim() <= 1:
+        return magnitude.clone()
+    return magnitude.sum(tuple(range(1, magnitude.dim())), keepdim=True)
+
+
 def sigma_scale(weight: Tensor) -> float:
     """ST-3σ's width normalisation: magnitudes are compared as `|w| * sqrt(sum(weight.shape))`.
 
@@ -139,13 +161,20 @@ def sigma_scale(weight: Tensor) -> float:
 
 @torch.no_grad()
 def update_thresholds(
-    layers: Sequence[StraightThroughSoftThreshold], weights: Sequence[Tensor], sparsity: float, sigma: bool = False
+    layers: Sequence[StraightThroughSoftThreshold],
+    weights: Sequence[Tensor],
+    sparsity: float,
+    sigma: bool = False,
+    names: Sequence[str] | None = None,
 ) -> float:
     """Set every layer's threshold from one global magnitude quantile at `sparsity`.
 
     `weights` are the raw (original) weights, in the order of `layers`. With `sigma`, each layer's
     magnitudes are width-normalised first (ST-3σ), which spreads the budget more evenly.
     Returns the global threshold (in normalised units under `sigma`).
+
+    Raises `NonFiniteWeightsError` naming the layers (by `names`, else by position) whose weights hold
+    NaN or inf, before any layer changes: a NaN is neither pruned nor kept.
 
     Example:
         >>> w = torch.arange(1.0, 11.0).reshape(2, 5)
@@ -156,10 +185,19 @@ def update_thresholds(
         7
     """
     magnitudes = [w.detach().float().abs() for w in weights]
+    # The rescale's per-channel L1 mass, or else the layer's: NaN or inf anywhere in a layer makes its sum
+    # non-finite, so the check costs no pass over the weights with the rescale on, and one host sync in all.
+    totals = [channel_totals(m) if layer.rescale else m.sum() for layer, m in zip(layers, magnitudes, strict=True)]
+    if totals and not all(torch.stack([torch.isfinite(t).all() for t in totals]).tolist()):
+        labels = list(names) if names is not None else [f"#{i}" for i in range(len(weights))]
+        # A sum can also overflow to inf; then no entry is non-finite, and nothing is wrong.
+        non_finite = count_non_finite(dict(zip(labels, weights, strict=True)))
+        if non_finite:
+            raise NonFiniteWeightsError(non_finite)
     scales = [sigma_scale(w) if sigma else 1.0 for w in weights]
     tau = global_magnitude_threshold(magnitudes, sparsity, scales)
-    for layer, magnitude, scale in zip(layers, magnitudes, scales, strict=True):
-        layer.set_threshold(magnitude, tau, scale)
+    for layer, magnitude, scale, total in zip(layers, magnitudes, scales, totals, strict=True):
+        layer.set_threshold(magnitude, tau, scale, total=total if layer.rescale else None)
     return tau
 
 
@@ -279,11 +317,20 @@ class ST3(SparsityMethod):
 
     @override
     def after_optimizer_step(self, step: int, layers: SparseLayers) -> None:
+        """Update every mask and rescale; raises `NonFiniteWeightsError` (naming layers and `step`) on NaN or inf."""
         pairs = [(p, w) for p, w in distinct_weights(layers) if isinstance(p, StraightThroughSoftThreshold)]
         if any(p.frozen for p, _ in pairs):
             return
         parametrizations, weights = [p for p, _ in pairs], [w for _, w in pairs]
-        update_thresholds(parametrizations, weights, self._schedule().sparsity_at(step), sigma=self.sigma)
+        # Tied layers share one parametrization: each is named by its first layer.
+        names = {id(p): name for name, (_, p) in reversed(list(layers.items()))}
+        try:
+            update_thresholds(
+                parametrizations, weights, self._schedule().sparsity_at(step), self.sigma,
+                names=[names[id(p)] for p in parametrizations],
+            )  # fmt: skip
+        except NonFiniteWeightsError as error:
+            raise NonFiniteWeightsError(error.layers, step) from None
         if isinstance(self.freeze_at, int) and step >= self.freeze_at:
             for p, weight in pairs:
                 p.freeze(weight)
