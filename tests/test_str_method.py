@@ -110,11 +110,77 @@ def test_on_fit_start_puts_each_threshold_in_the_group_of_its_weight() -> None:
     assert [len(g["params"]) for g in second.param_groups] == [2]  # already held: not added twice
 
 
-def test_on_fit_start_refuses_threshold_decay_with_an_optimizer_without_weight_decay() -> None:
+def test_on_fit_start_leaves_a_threshold_another_optimizer_holds_where_it_is() -> None:
+    layers = _layers()
+    (first, p_first), _ = layers.values()
+    weights = torch.optim.SGD([first.parametrizations.weight.original], lr=0.1, weight_decay=5e-4)
+    thresholds = torch.optim.Adam([p_first.s], lr=0.01)  # a dedicated optimizer for the first's
+    STR().on_fit_start(_distinct(layers)[:1], [weights, thresholds])
+    assert [len(g["params"]) for g in weights.param_groups] == [1] and len(thresholds.param_groups[0]["params"]) == 1
+
+
+def test_on_fit_start_names_added_thresholds_in_an_optimizer_of_named_parameters() -> None:
+    layers = _layers()
+    net_params = [
+        (f"{i}.parametrizations.weight.original", m.parametrizations.weight.original)
+        for i, (m, _) in zip((0, 2), layers.values(), strict=True)
+    ]
+    optimizer = torch.optim.SGD(net_params, lr=0.1, weight_decay=5e-4)
+    STR().on_fit_start(_distinct(layers), [optimizer])
+    assert optimizer.param_groups[0]["param_names"] == [
+        "0.parametrizations.weight.original",
+        "2.parametrizations.weight.original",
+        "0.parametrizations.weight.0.s",
+        "2.parametrizations.weight.0.s",
+    ]
+
+
+def _unknown_optimizer(params: Any) -> torch.optim.Optimizer:
+    class Lion(torch.optim.Optimizer):  # a third-party optimizer: how it decays is its own business
+        def __init__(self, params: Any) -> None:
+            super().__init__(params, {"lr": 0.1, "weight_decay": 0.1})
+
+    return Lion(params)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (
+            lambda ps: torch.optim.Rprop(ps, lr=0.1),
+            r"^`threshold_decay` needs an optimizer with weight decay, and Rprop has none; use one that has",
+        ),
+        (
+            _unknown_optimizer,
+            r"^`threshold_decay` needs to know how Lion applies its weight decay, and Lion is not one of torch's "
+            r"optimizers: add `decoupled_weight_decay=True` to its param groups",
+        ),
+    ],
+    ids=["Rprop", "unknown"],
+)
+def test_on_fit_start_refuses_threshold_decay_it_cannot_apply_before_changing_anything(make: Any, match: str) -> None:
     layers = _layers()
     weights = [w for _, w in _distinct(layers)]
-    with pytest.raises(ValueError, match=r"`threshold_decay` needs an optimizer with weight decay, and Rprop has none"):
-        STR(threshold_decay=0.5).on_fit_start(_distinct(layers), [torch.optim.Rprop(weights, lr=0.1)])
+    optimizer = make(weights)
+    with pytest.raises(ValueError, match=match):
+        STR(threshold_decay=0.5).on_fit_start(_distinct(layers), [optimizer])
+    assert optimizer.param_groups[0]["params"] == weights and not optimizer._optimizer_step_pre_hooks
+    own = 0.1 if make is _unknown_optimizer else 0.0  # the decay asked for is the optimizer's own: nothing to change
+    assert STR(threshold_decay=own).on_fit_start(_distinct(layers), [make(weights)]) == []
+
+
+def test_on_fit_start_decays_with_one_hook_per_optimizer_however_many_fits() -> None:
+    layers = _layers()
+    (_, p), _ = layers.values()
+    params = [q for module, _ in layers.values() for q in module.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.1, weight_decay=0.0)
+    for _ in range(2):  # a second fit with the same optimizer replaces the first's hook
+        STR(threshold_decay=0.5).on_fit_start(_distinct(layers), [optimizer])
+    assert len(optimizer._optimizer_step_pre_hooks) == 1
+    before = p.s.item()
+    p.s.grad = torch.zeros(())
+    optimizer.step()
+    assert p.s.item() == pytest.approx(before * (1 - 0.1 * 0.5))
 
 
 def test_on_fit_start_warns_when_nothing_decays_the_thresholds() -> None:

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
-from typing_extensions import Self, override
+from typing_extensions import override
 
 from lightning_sparse.arguments import check_real
 from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod
-from lightning_sparse.optim import add_beside, decay_instead
+from lightning_sparse.optim import StepHooks, add_beside, decay_at_each_step, weight_decay_style
 
 __all__ = ["STR", "LearnedSoftThreshold"]
+
+# The `threshold_decay` hook of each optimizer STR decays thresholds in (see `STR.on_fit_start`).
+_DECAY_HOOKS: weakref.WeakKeyDictionary[Optimizer, StepHooks] = weakref.WeakKeyDictionary()
 
 
 class _SoftThreshold(torch.autograd.Function):
@@ -101,9 +105,12 @@ class STR(SparsityMethod):
 
     Args:
         s_init: Initial threshold parameter; `sigmoid(s_init)` is the initial threshold. Default -100.
-        threshold_decay: Weight decay of the thresholds, in their own param group of your optimizer
-            (learning rate, momentum and LR schedulers stay yours). Default: whatever your optimizer
-            applies to the weights around them.
+        threshold_decay: Weight decay of the thresholds, applied by your optimizer in place of the one
+            of their param group, its way: added to the gradient (SGD, Adam, RMSprop, ...) or
+            multiplying them by `1 - lr * threshold_decay` (AdamW, `decoupled_weight_decay=True`). The
+            thresholds stay in their weight's param group, so its learning rate, momentum and LR
+            schedule are theirs. Needs an optimizer with weight decay. Default: whatever your
+            optimizer applies to the weights around them.
 
     Example:
         >>> STR(s_init=-5.0, threshold_decay=2e-2).name
@@ -139,25 +146,54 @@ class STR(SparsityMethod):
     ) -> list[str]:
         """Put each threshold in the param group of its weight, so your optimizer and LR schedule train it.
 
-        Raises if `threshold_decay` is set and that optimizer has no weight decay. Warns when nothing
-        decays the thresholds (the model would stay dense), when a weight is in no optimizer, and when
-        the thresholds already prune every weight.
+        A threshold some optimizer already holds (`configure_optimizers` saw it among the model's
+        parameters) stays where it is; the others join their weight's group, and no group is added. With
+        `threshold_decay`, each optimizer holding thresholds decays them by it at each of its steps from
+        now on (`decay_at_each_step`: after gradient clipping, right before the update).
+
+        Raises, before changing anything, if `threshold_decay` is set and the optimizer of a threshold has
+        no weight decay or one of unknown kind, or if a threshold would have to join Muon's (which trains
+        only 2-D parameters). Warns when nothing decays the thresholds (the model would stay dense), when a
+        weight is in no optimizer, and when the thresholds already prune every weight.
         """
         pairs = [(p, w) for p, w in weights if isinstance(p, LearnedSoftThreshold)]
-        groups: list[tuple[Optimizer, dict[str, Any]]] = []
+        holders: dict[int, tuple[Optimizer, dict[str, Any]]] = {}
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    holders.setdefault(id(param), (optimizer, group))
+        groups: dict[int, tuple[Optimizer, dict[str, Any]]] = {}  # those holding thresholds, by id
+        additions: list[tuple[Optimizer, Tensor, Tensor]] = []
         unplaced = 0
         for p, weight in pairs:
-            placed = [(o, g) for o in optimizers if (g := add_beside(o, p.s, weight)) is not None]
-            unplaced += not placed
-            groups += placed
-        for optimizer, group in groups:
-            if self.threshold_decay is not None and "weight_decay" not in group:
-                raise ValueError(
-                    f"`threshold_decay` needs an optimizer with weight decay, and {type(optimizer).__name__} has "
-                    "none; use one that has (SGD, Adam, AdamW, ...), or leave `threshold_decay` unset"
-                )
+            holder = holders.get(id(p.s)) or holders.get(id(weight))
+            if holder is None:
+                unplaced += 1
+                continue
+            if id(p.s) not in holders:
+                if isinstance(holder[0], torch.optim.Muon):
+                    raise ValueError(
+                        "STR's thresholds are scalars and Muon trains only 2-D parameters: put them (the model's "
+                        "parameters named `...parametrizations.weight.0.s`) in another optimizer, e.g. the AdamW "
+                        "of your other parameters (`[p for p in self.parameters() if p.ndim != 2]` holds them)"
+                    )
+                additions.append((holder[0], p.s, weight))
+            groups[id(holder[1])] = holder
+        if self.threshold_decay is not None:
+            for optimizer, group in groups.values():
+                self._check_decay(optimizer, group)
+        for optimizer, threshold, weight in additions:
+            add_beside(optimizer, cast(torch.nn.Parameter, threshold), weight, name=_threshold_name)
+        if self.threshold_decay is not None:
+            thresholds = [p.s for p, _ in pairs]
+            for optimizer in {id(o): o for o, _ in groups.values()}.values():
+                # One decay hook per optimizer: a second fit with the same optimizer replaces the first's.
+                previous = _DECAY_HOOKS.pop(optimizer, None)
+                if previous is not None:
+                    previous.remove()
+                _DECAY_HOOKS[optimizer] = decay_at_each_step(optimizer, thresholds, self.threshold_decay)
         warnings = []
-        decays = [g.get("weight_decay", 0) for _, g in groups]
+        decays = [g.get("weight_decay", 0) for _, g in groups.values()]
         if groups and self.threshold_decay is None and not any(decays):
             warnings.append(
                 "STR's sparsity comes from weight decay on its thresholds, and your optimizer applies none "
@@ -177,16 +213,23 @@ class STR(SparsityMethod):
                 )
         return warnings
 
-    @override
-    def before_optimizer_step(self, optimizer: Optimizer, layers: SparseLayers) -> None:
-        """Apply `threshold_decay` to the thresholds in place of their param group's decay."""
-        if self.threshold_decay is None:
-            return
-        thresholds = {id(p.s) for _, p in layers.values() if isinstance(p, LearnedSoftThreshold)}
-        for group in optimizer.param_groups:
-            held = [q for q in group["params"] if id(q) in thresholds]
-            if held:
-                decay_instead(optimizer, group, held, self.threshold_decay)
+    def _check_decay(self, optimizer: Optimizer, group: dict[str, Any]) -> None:
+        """Raise unless `threshold_decay` can replace the weight decay `optimizer` gives `group`."""
+        name = type(optimizer).__name__
+        if self.threshold_decay == float(group.get("weight_decay", 0.0)):
+            return  # nothing to change
+        if "weight_decay" not in group:
+            raise ValueError(
+                f"`threshold_decay` needs an optimizer with weight decay, and {name} has none; use one that has "
+                "(SGD, Adam, AdamW, ...), or leave `threshold_decay` unset"
+            )
+        if weight_decay_style(optimizer, group) is None:
+            raise ValueError(
+                f"`threshold_decay` needs to know how {name} applies its weight decay, and {name} is not one of "
+                "torch's optimizers: add `decoupled_weight_decay=True` to its param groups if its step multiplies "
+                "each parameter by `1 - lr * weight_decay` (AdamW-style), `False` if it adds `weight_decay * p` "
+                "to the gradient (L2, SGD-style); or leave `threshold_decay` unset"
+            )
 
     @override
     def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:
@@ -196,3 +239,8 @@ class STR(SparsityMethod):
             return {}
         values = torch.stack([p.threshold().detach().float() for p in named.values()]).tolist()
         return {f"threshold/{name}": value for name, value in zip(named, values, strict=True)}
+
+
+def _threshold_name(weight_name: str) -> str:
+    """The name of a threshold in an optimizer's `param_names`, from that of its weight (`...weight.original`)."""
+    return f"{weight_name.removesuffix('.original')}.0.s" if weight_name.endswith(".original") else f"{weight_name}.s"
