@@ -6,6 +6,7 @@ from lightning_sparse.hardening import harden
 from lightning_sparse.methods import ST3, STR, SparsityMethod
 from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule, Schedule
 from lightning_sparse.stats import LayerStats, layer_stats
+from lightning_sparse.thresholds import NonFiniteWeightsError
 
 __all__ = [
     "ST3",
@@ -14,6 +15,7 @@ __all__ = [
     "CubicSchedule",
     "LayerStats",
     "LinearSchedule",
+    "NonFiniteWeightsError",
     "Schedule",
     "SparsityCallback",
     "SparsityMethod",

@@ -236,8 +236,9 @@ class SparsityCallback(Callback):
             rank_zero_warn(
                 f"Training ended at optimizer step {self._step} with {reached:.1%} sparsity, below the "
                 f"{target:.1%} target (the schedule asks for {method.target(self._step):.1%} at this "
-                "step): the run stopped before the schedule's end (early stopping, `max_time`, or `start`/`end` "
-                "beyond the run). Give `end` as a fraction of the run, or train longer."
+                "step): the run stopped before the schedule's end (early stopping, `max_time`, `start`/`end` "
+                "beyond the run, or `max_steps` with several optimizers, which Lightning counts per optimizer: "
+                "bound such runs with `max_epochs`). Give `end` as a fraction of the run, or train longer."
             )
 
     @override
@@ -294,18 +295,20 @@ class SparsityCallback(Callback):
 
     def _on_module_restore(self, trainer: pl.Trainer, module: nn.Module, state_dict: dict[str, Any], *_: Any) -> None:
         """`load_state_dict` pre-hook on the LightningModule, run once: Lightning's restore of a checkpoint."""
+        # The checkpoint Lightning has just read, with the user's `weights_only` and `CheckpointIO`; empty when
+        # the module loads a state dict of its own (pretrained weights in its `setup`), which is none of ours.
+        checkpoint = trainer._checkpoint_connector._loaded_checkpoint
+        if not checkpoint:
+            return
         self._remove_restore_hook()
+        saved = checkpoint.get("callbacks", {}).get(self.state_key)
         if trainer.state.fn != TrainerFn.FITTING:
             # `trainer.test(ckpt_path="best")` after a fit that hardened the model: harden what comes in too.
             if not sparsity_parametrizations(module):
-                hardened = harden_state_dict(state_dict)
+                hardened = harden_state_dict(state_dict, layers=(saved or {}).get("layers"))
                 state_dict.clear()
                 state_dict.update(hardened)
             return
-        if trainer.ckpt_path is None:
-            return
-        # The checkpoint Lightning has just read, with the user's `weights_only` and `CheckpointIO`.
-        saved = trainer._checkpoint_connector._loaded_checkpoint.get("callbacks", {}).get(self.state_key)
         must_keep = {"method", "layers", *self.method.reparameterization_settings}
         try:
             if saved is None and any("parametrizations.weight.original" in key for key in state_dict):
@@ -356,9 +359,11 @@ def _raised_in(exception: BaseException, function: str) -> bool:
 
 
 def _undecayed_weights(layers: SparseLayers, optimizers: Sequence[Optimizer]) -> list[str]:
-    """Sparsified layers whose weight gets no weight decay while other parameters do (name-based grouping)."""
-    groups = [g for o in optimizers for g in o.param_groups]
-    if not any(g.get("weight_decay", 0) for g in groups):
-        return []
-    decay = {id(p): g.get("weight_decay", 0) for g in groups for p in g["params"]}
-    return [name for name, (module, _) in layers.items() if decay.get(id(original_weight(module))) == 0]
+    """Sparsified layers whose weight gets no weight decay from an optimizer that decays other groups."""
+    undecayed = []
+    for optimizer in optimizers:
+        if not any(g.get("weight_decay", 0) for g in optimizer.param_groups):
+            continue
+        decay = {id(p): g.get("weight_decay", 0) for g in optimizer.param_groups for p in g["params"]}
+        undecayed += [name for name, (module, _) in layers.items() if decay.get(id(original_weight(module))) == 0]
+    return undecayed

@@ -386,12 +386,6 @@ def test_str_on_the_generator_warns_only_when_nothing_decays_its_thresholds(
     assert len(recorder.thresholds["end"]) == 2 and all(t != -3.0 for t in recorder.thresholds["end"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="callback.py: `_undecayed_weights` pools the param groups of all optimizers, so the discriminator's "
-    "decay makes the generator's undecayed weights look like a name-based grouping mistake; it should only "
-    "compare a weight with the other groups of the optimizer that holds it",
-)
 def test_a_generator_whose_optimizer_has_no_decay_gets_no_warning_about_name_based_grouping(tmp_path: Path) -> None:
     messages, _ = _fit_gan(tmp_path, TinyGAN(generator_decay=0.0, discriminator_decay=1e-2), threshold_decay=0.5)
     assert not [m for m in messages if "but not to the sparsified weights" in m], messages

@@ -302,3 +302,12 @@ def test_weight_averaging_is_refused_before_anything_changes(tmp_path: Path, ave
     with pytest.raises(ValueError, match=r"cannot train together with (EMAWeightAveraging|StochasticWeightAveraging)"):
         make_trainer(tmp_path, callbacks=[SparsityCallback(ST3(0.9)), averaging()]).fit(model)
     _given_back(model, parameters, before)
+
+
+def test_a_module_loading_weights_in_setup_still_gets_its_resume_checked(tmp_path: Path) -> None:
+    _fit_with_checkpoints(tmp_path / "st3", SparsityCallback(ST3(0.5, start=0, end=4)), max_epochs=1)
+    model = PretrainedInSetup()
+    with pytest.raises(ValueError, match=r"(?s)Cannot resume .*- method: 'st3' in the checkpoint, 'str' here"):
+        trainer = make_trainer(tmp_path, callbacks=[SparsityCallback(STR(s_init=-3.0, threshold_decay=0.05))])
+        trainer.fit(model, ckpt_path=tmp_path / "st3" / "ckpt" / "epoch=0.ckpt")
+    assert not sparsity_parametrizations(model)
