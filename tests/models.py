@@ -75,6 +75,17 @@ class TinyNet(pl.LightningModule):
     val_dataloader = test_dataloader = predict_dataloader = train_dataloader
 
 
+class Crash(pl.Callback):
+    """Raises at the start of epoch `epoch`, after the checkpoint of the epoch before was written."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
 def make_trainer(root: Path, **kwargs: Any) -> pl.Trainer:
     """A quiet, deterministic CPU Trainer writing under `root`; `kwargs` override the defaults."""
     defaults: dict[str, Any] = {

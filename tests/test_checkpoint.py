@@ -18,7 +18,7 @@ from lightning_sparse.checkpoint import changed_settings, check_resume, describe
 from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_parametrizations
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
-from models import N_WEIGHTS, TinyNet, make_trainer, model_tensors, zeros
+from models import N_WEIGHTS, Crash, TinyNet, make_trainer, model_tensors, zeros
 
 EPOCHS = 4  # 8 optimizer steps each
 STR_ARGS: dict[str, Any] = {"method": "str", "s_init": -3.0, "threshold_decay": 0.05}
@@ -27,15 +27,6 @@ ST3_ARGS: dict[str, Any] = {"method": "st3", "target_sparsity": 0.8, "start": 0.
 UNFROZEN_ST3_ARGS = {**ST3_ARGS, "freeze_at": None}
 
 
-class Crash(pl.Callback):
-    """Kills the run at the start of `epoch`, after the checkpoint of the epoch before was written."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 def fit(root: Path, callback_args: dict[str, Any], *callbacks: pl.Callback, ckpt_path: Path | None = None) -> TinyNet:

@@ -26,7 +26,7 @@ import lightning_sparse.optim
 from lightning_sparse import ST3, STR, SparsityCallback
 from lightning_sparse.layers import sparsity_parametrizations
 from lightning_sparse.schedules import CubicSchedule
-from models import TinyNet, make_trainer, model_tensors, zeros
+from models import Crash, TinyNet, make_trainer, model_tensors, zeros
 
 EPOCHS, STEPS = 2, 16  # TinyNet: 8 optimizer steps an epoch
 S_INIT, DECAY, GROUP_DECAY = -3.0, 0.05, 5e-4
@@ -211,15 +211,6 @@ def test_threshold_decay_trains_as_a_param_group_of_that_weight_decay(
 # ------------------------------------------------------------------------------------- resume, refusals
 
 
-class Crash(Callback):
-    """Raises at the start of epoch `epoch`, after the checkpoint of the epoch before was written."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
 
 
 def test_a_resume_under_a_sequential_schedule_ends_where_the_uninterrupted_run_ends(tmp_path: Path) -> None:

@@ -18,18 +18,7 @@ from torch import Tensor, nn
 
 from lightning_sparse import ST3, STR, SparsityCallback
 from lightning_sparse.layers import sparsity_parametrizations
-from models import N_WEIGHTS, TinyNet, make_trainer, model_tensors, zeros
-
-
-class Crash(pl.Callback):
-    """Raises at the start of epoch `epoch`, after the checkpoint of the epoch before was written."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise RuntimeError("simulated crash")
+from models import N_WEIGHTS, Crash, TinyNet, make_trainer, model_tensors, zeros
 
 
 def _given_back(model: nn.Module, parameters: list[nn.Parameter], before: dict[str, Tensor]) -> None:
