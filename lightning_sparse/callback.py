@@ -134,7 +134,7 @@ class SparsityCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Lightning restores a checkpoint's module state after `setup` and `configure_model` and before any
-        # callback state, and `trainer.ckpt_path` is only known from then on: the restore calls this hook first.
+        # callback state: the restore calls this hook first, so a resume is checked before anything loads.
         self._hooked = pl_module
         self._restore_hook = pl_module.register_load_state_dict_pre_hook(partial(self._on_module_restore, trainer))
         if stage != "fit":
@@ -200,12 +200,6 @@ class SparsityCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
         self._report.on_train_start(trainer)
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        self._run_method().before_optimizer_step(optimizer, self._layers)
 
     @override
     def on_train_batch_end(

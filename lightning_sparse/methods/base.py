@@ -68,9 +68,9 @@ class SparsityMethod(ABC):
     """Settings and per-step work of one sparsity method; subclasses are frozen dataclasses.
 
     The hooks, in the order `SparsityCallback` calls them in `fit`: `for_run` (once the run length is
-    known), `parametrization` (per distinct weight, once the optimizers exist), `on_fit_start` (before
-    the parametrizations are registered), then for each optimizer step `before_optimizer_step` and
-    `after_optimizer_step`, and `metrics` when logging. The methods' own state lives in their
+    known), `parametrization` (per distinct weight, right after the LightningModule's
+    `configure_model`), `on_fit_start` (once the optimizers exist), then `after_optimizer_step` after
+    each optimizer step, and `metrics` when logging. The methods' own state lives in their
     parametrizations, so the method object stays a frozen value.
     """
 
@@ -106,9 +106,6 @@ class SparsityMethod(ABC):
         Raises for an impossible combination; returns warnings for the user.
         """
         return []
-
-    def before_optimizer_step(self, optimizer: Optimizer, layers: SparseLayers) -> None:  # noqa: B027 (optional hook)
-        """Called right before each `optimizer.step()`, gradients complete."""
 
     def after_optimizer_step(self, step: int, layers: SparseLayers) -> None:  # noqa: B027 (optional hook)
         """The method's work after optimizer step number `step` (1 after the first step)."""
