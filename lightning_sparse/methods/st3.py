@@ -225,6 +225,9 @@ def update_thresholds(
         >>> st3.mask.sum().item()
         7
     """
+    for layer in layers:
+        # The thresholds change now, so the cached effective weights are stale: free them before taking |w|.
+        layer._effective = None
     magnitudes = [w.detach().float().abs() for w in weights]
     # The rescale's per-channel L1 mass, or else the layer's: NaN or inf anywhere in a layer makes its sum
     # non-finite, so the check costs no pass over the weights with the rescale on, and one host sync in all.
