@@ -490,27 +490,21 @@ Notes:
 
 - ResNet-18 on 32x32 inputs is a worst case for weight-proportional costs: 11.2 M weights but only
   37 M MACs per sample (`layer_stats`), so everything a method does per weight and per step weighs
-  far more against the step than at 224x224 (49x the MACs for the same weights) or with the usual
-  CIFAR stem (`examples/cifar_resnet.py`: 15x).
-- ST-3's extra work per step is the threshold update after the optimizer step (the hooks column: |w|,
-  a sampled bracket and the exact selection, `nonzero`/`index`, for the global quantile, the mask and
-  the per-channel rescale sums: about ten passes over the weights, some three SGD steps' worth; the
-  threshold-scaling section times it alone) and the soft threshold and rescale in the forward (`clamp`,
-  `sub`, `mul`: three passes). Both scale with the weights, not with batch or input size: the same
-  absolute cost would be well under 1 % of a step at 224x224.
-- STR: under plain autograd, the clamp backward with tensor bounds of its forward `w - clamp(w, -g, g)`
-  makes the reparameterization's forward + backward cost about 0.3 s per step here (1.27x dense in a
-  short run of this script), against 0.1 s with the hand-written backward it uses, which gives the same
-  gradients of `sign(w) * relu(|w| - g)`.
-- ModelPruning has no per-step setting: it prunes in `on_train_epoch_end` (or `on_validation_epoch_end`).
-  The one-batch epochs here make it prune after every step with its own code. "Between prunes" is its
-  usual step: a forward pre-hook multiplies `weight_orig` by a float mask. Its memory holds `weight_orig`,
-  the float mask and the masked weight for every pruned layer.
-- ST-3 and STR memory: the effective weights are held for the backward (4 bytes per weight), ST-3 keeps a
-  1-byte mask and its update takes |w| (4 bytes per weight) while it runs.
-- \\* WeightNormSparsifier fails on 4-D conv weights (it builds its mask over a weight's last two
-  dimensions: `RuntimeError: shape '[1, 1, N]' is invalid for input of size 9`), so on ResNet-18 it can
-  only sparsify the fc layer; its row is not comparable per-step work.
+  far more against the step than at 224x224 (49x the MACs for the same weights); batch 32 is worse still.
+- ST-3's forward serves one effective weight per change of the raw weight or of its threshold buffers
+  (keyed on `Tensor._version`), with an identity backward: one pass per optimizer step instead of three
+  per forward. Its remaining cost is the threshold update after each optimizer step (the hooks column:
+  |w|, the per-channel sums, a sampled bracket and the exact selection, `nonzero`/`index`, for the global
+  quantile, the mask and the kept sums for the rescale: still about eight passes over the weights).
+- STR's forward (`w - clamp(w, -g, g)`) and hand-written backward (a comparison, a `where`, `sign` and
+  a dot product) make about seven passes over the weights per step: the "rest of step" column.
+- ModelPruning prunes only at epoch ends (here every `--epoch-batches` steps); between prunes a forward
+  pre-hook multiplies `weight_orig` by a float mask. Its memory holds `weight_orig`, the float mask and
+  the masked weight for every pruned layer.
+- ST-3 and STR memory: the effective weights (4 bytes per weight; ST-3 keeps them between steps), ST-3's
+  1-byte mask, and |w| (4 bytes per weight) while its update runs.
+- Timings on this shared 2-core machine are noisy: another engineer's benchmarks ran alongside, and the
+  2-thread runs, which need both cores, suffer most.
 """
 
 
