@@ -38,9 +38,8 @@ FLOPs are multiply-accumulates per sample of conv and linear layers (the papers'
 """
 _GPU_SECTION = """## GPU step time
 
-Not measured yet: these results come from CPU-only machines. `benchmarks/step_time.py` is CPU-only as
-committed; ResNet-50 / batch 64 / 224x224 / bf16 GPU figures remain to be measured on a machine with a
-GPU.
+Not measured yet: no GPU was available to these runs. `benchmarks/step_time.py` trains on CUDA when
+present (the same script and command); GPU figures remain to be measured on a machine with one.
 """
 
 

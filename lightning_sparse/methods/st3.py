@@ -44,6 +44,34 @@ class _SoftThresholdStraightThrough(torch.autograd.Function):
         return grad, None, None
 
 
+class _StraightThroughCached(torch.autograd.Function):
+    """Forward: an effective weight already computed from `weight`. Backward: the identity, to `weight`.
+
+    Lets every forward between two changes of the raw weight (gradient accumulation, validation) reuse one
+    effective weight: the soft threshold and rescale cost one pass per optimizer step, not three per forward.
+    """
+
+    @staticmethod
+    @override
+    def forward(weight: Tensor, effective: Tensor) -> Tensor:
+        return effective.view_as(effective)
+
+    @staticmethod
+    @override
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    @override
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+def _tensor_key(tensor: Tensor) -> tuple[int, int, int, torch.dtype, torch.device]:
+    """What identifies a tensor's current contents: in-place changes bump `_version`, `.data =` or `.to()` the rest."""
+    return id(tensor), tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device
+
+
 class StraightThroughSoftThreshold(SparseParametrization):
     """ST-3's reparameterization of one weight: `sign(w) * relu(|w| - t) * c`, straight-through.
 
@@ -73,12 +101,25 @@ class StraightThroughSoftThreshold(SparseParametrization):
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool))
         scale_shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
         self.register_buffer("scale", torch.ones(scale_shape, dtype=torch.float32, device=weight.device))
+        # (key, effective weight, the tensors the key names) of the last forward; see `forward`.
+        self._effective: tuple[Any, Tensor, tuple[Tensor, ...]] | None = None
 
     @override
     def forward(self, weight: Tensor) -> Tensor:
         if self.frozen:
             return weight * self.mask
-        return cast(Tensor, _SoftThresholdStraightThrough.apply(weight, self.threshold, self.scale))
+        if torch.compiler.is_compiling():
+            return cast(Tensor, _SoftThresholdStraightThrough.apply(weight, self.threshold, self.scale))
+        # The raw weight changes only at optimizer steps (and the buffers at threshold updates): the effective
+        # weight is computed once after each change and served to every forward until the next one.
+        key = (_tensor_key(weight), _tensor_key(self.threshold), _tensor_key(self.scale))
+        cache = self._effective
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                effective = _SoftThresholdStraightThrough.forward(weight.detach(), self.threshold, self.scale)
+            # The key holds the tensors' ids: keep them alive with it, so no other tensor can take their id.
+            cache = self._effective = (key, effective, (weight, self.threshold, self.scale))
+        return cast(Tensor, _StraightThroughCached.apply(weight, cache[1]))
 
     @override
     def keep_mask(self, weight: Tensor) -> Tensor:
@@ -184,6 +225,9 @@ def update_thresholds(
         >>> st3.mask.sum().item()
         7
     """
+    for layer in layers:
+        # The thresholds change now, so the cached effective weights are stale: free them before taking |w|.
+        layer._effective = None
     magnitudes = [w.detach().float().abs() for w in weights]
     # The rescale's per-channel L1 mass, or else the layer's: NaN or inf anywhere in a layer makes its sum
     # non-finite, so the check costs no pass over the weights with the rescale on, and one host sync in all.
