@@ -30,10 +30,10 @@ def add_sparsity_args(parser: argparse.ArgumentParser, s_init: float, threshold_
     )
 
 
-def make_callback(args: argparse.Namespace) -> list[SparsityCallback]:
-    """The callbacks list for `--method`: empty for a dense baseline."""
+def make_callback(args: argparse.Namespace, **st3: float) -> list[SparsityCallback]:
+    """The callbacks list for `--method`: empty for a dense baseline. `st3`: ST-3's `start`, `end`, `freeze_at`."""
     if args.method == "dense":
         return []
     if args.method == "str":
         return [SparsityCallback("str", s_init=args.s_init, threshold_decay=args.threshold_decay)]
-    return [SparsityCallback(args.method, target_sparsity=args.sparsity)]
+    return [SparsityCallback(args.method, target_sparsity=args.sparsity, **st3)]

@@ -42,8 +42,13 @@ def fit(root: Path, callback_args: dict[str, Any], *callbacks: pl.Callback, ckpt
 
 @pytest.mark.parametrize(
     ("callback_args", "epochs_done"),
-    [(STR_ARGS, 2), (ST3_ARGS, 1), (ST3_ARGS, 3)],
-    ids=["str", "st3-mid-ramp", "st3-frozen"],
+    [
+        (STR_ARGS, 2),
+        (ST3_ARGS, 1),
+        (ST3_ARGS, 3),
+        ({"method": "str", "target_sparsity": 0.75, "start": 2, "end": 20}, 1),
+    ],
+    ids=["str", "st3-mid-ramp", "st3-frozen", "str-target-mid-ramp"],
 )
 def test_resume_after_a_crash_ends_where_the_uninterrupted_run_ends(
     tmp_path: Path, callback_args: dict[str, Any], epochs_done: int

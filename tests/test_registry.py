@@ -42,8 +42,8 @@ ONE_OF = r"`method` must be one of 'st3', 'st3sigma', 'str' or a method object,"
         ("rigl", {}, rf"^{ONE_OF} got 'rigl'$"),
         ("ST3", {}, rf"^{ONE_OF} got 'ST3'$"),
         (None, {}, rf"^{ONE_OF} got None$"),
-        ("str", {"target_sparsity": 0.9}, r"^`target_sparsity` does not apply to method='str' \(its settings: s_init, "
-         r"threshold_decay\); remove it, or pick the method it belongs to$"),
+        ("str", {"freeze_at": 0.9}, r"^`freeze_at` does not apply to method='str' \(its settings: s_init, "
+         r"threshold_decay, target_sparsity, start, end, schedule\); remove it, or pick the method it belongs to$"),
         ("st3", {"target_sparsity": 0.9, "s_init": -5.0, "threshold_decay": 0.1},
          r"^`s_init`, `threshold_decay` do not apply to method='st3' \(its settings: target_sparsity, start, end, "
          r"schedule, freeze_at, rescale, sigma\)"),

@@ -45,7 +45,8 @@ def test_str_keeps_bf16_and_keep_mask():
 
 def test_from_state_dict_recognises_only_its_own_state_and_keeps_its_dtype() -> None:
     weight = torch.randn(3, 3, dtype=torch.bfloat16)
-    saved = LearnedSoftThreshold(s_init=-1.5).to(torch.bfloat16).state_dict()
+    # A bf16 threshold saved before thresholds stayed float32 under `.to(torch.bfloat16)`.
+    saved = {"s": torch.tensor(-1.5, dtype=torch.bfloat16)}
     loaded = LearnedSoftThreshold.from_state_dict(weight, saved)
     assert loaded is not None and loaded.s.dtype == torch.bfloat16 and loaded.s.item() == -1.5
     assert LearnedSoftThreshold.from_state_dict(weight, {}) is None
@@ -59,7 +60,10 @@ def test_defaults_name_and_settings() -> None:
     method = STR()
     assert method == STR(s_init=-100.0, threshold_decay=None)
     assert method.name == "str" and method.parametrization_class is LearnedSoftThreshold
-    assert STR(-5, 0).settings() == {"method": "str", "s_init": -5.0, "threshold_decay": 0.0}
+    assert STR(-5, 0).settings() == {
+        "method": "str", "s_init": -5.0, "threshold_decay": 0.0,
+        "target_sparsity": None, "start": None, "end": None, "schedule": "cubic",
+    }  # fmt: skip
     assert type(STR(-5).s_init) is float
     assert method.parametrization(torch.ones(2)).s.item() == -100.0
     assert method.for_run(math.inf) is method  # nothing depends on the run length

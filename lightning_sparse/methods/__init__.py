@@ -30,10 +30,10 @@ def make_method(name: str, **settings: Any) -> SparsityMethod:
     Example:
         >>> make_method("st3sigma", target_sparsity=0.9, s_init=None)
         ST3(target_sparsity=0.9, start=0.05, end=0.5, schedule='cubic', freeze_at=None, rescale=True, sigma=True)
-        >>> make_method("str", target_sparsity=0.9)  # doctest: +ELLIPSIS
+        >>> make_method("str", freeze_at=0.9)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: `target_sparsity` does not apply to method='str' (its settings: s_init, threshold_decay); ...
+        ValueError: `freeze_at` does not apply to method='str' (its settings: s_init, ...
     """
     if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))} or a method object, got {name!r}")

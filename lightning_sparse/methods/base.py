@@ -123,8 +123,9 @@ class SparsityMethod(ABC):
 
         Example:
             >>> from lightning_sparse.methods import STR
-            >>> STR(s_init=-5.0).settings()
-            {'method': 'str', 's_init': -5.0, 'threshold_decay': None}
+            >>> settings = STR(s_init=-5.0).settings()
+            >>> settings["method"], settings["s_init"], settings["threshold_decay"]
+            ('str', -5.0, None)
         """
         fields = dataclasses.fields(self)  # type: ignore[arg-type]
         return {"method": self.name, **{f.name: _plain(getattr(self, f.name)) for f in fields}}

@@ -12,15 +12,19 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_sparse.arguments import StepOrFraction, check_bool, check_real, check_step_or_fraction
+from lightning_sparse.arguments import StepOrFraction, check_bool, check_step_or_fraction
 from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod, distinct_weights
-from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule, Schedule
+from lightning_sparse.schedules import (
+    Schedule,
+    build_schedule,
+    check_order,
+    check_schedule_settings,
+    resolve_ramp,
+    to_step,
+)
 from lightning_sparse.thresholds import NonFiniteWeightsError, count_non_finite, global_magnitude_threshold
 
 __all__ = ["ST3", "StraightThroughSoftThreshold", "channel_totals", "sigma_scale", "update_thresholds"]
-
-_SCHEDULES: dict[str, type[LinearSchedule]] = {"cubic": CubicSchedule, "linear": LinearSchedule}
-_SCHEDULE_NAMES = (*_SCHEDULES, "constant")
 
 
 class _SoftThresholdStraightThrough(torch.autograd.Function):
@@ -158,7 +162,7 @@ class StraightThroughSoftThreshold(SparseParametrization):
             total = channel_totals(magnitude) if total is None else total
             kept = channel_totals(magnitude * self.mask)
             # The paper code's 1.01 / (r + 0.01): about 1/r, bounded when a channel is fully pruned.
-            kept_fraction = torch.where(total > 0, kept / total, torch.ones_like(total))
+            kept_fraction = (kept + 1e-6 * magnitude[0].numel()) / (total + 1e-6 * magnitude[0].numel())
             torch.div(1.01, kept_fraction + 0.01, out=self.scale)
 
     @torch.no_grad()
@@ -288,38 +292,14 @@ class ST3(SparsityMethod):
     reparameterization_settings = frozenset({"rescale"})
 
     def __post_init__(self) -> None:
-        checked: dict[str, Any] = {}
-        if isinstance(self.schedule, str):
-            if self.schedule not in _SCHEDULE_NAMES:
-                raise ValueError(
-                    f"`schedule` must be one of {', '.join(map(repr, _SCHEDULE_NAMES))}, got {self.schedule!r}"
-                )
-            if self.target_sparsity is None:
-                raise ValueError("`target_sparsity` is required: the final fraction of zeros, e.g. 0.9")
-            checked["target_sparsity"] = check_real(
-                "target_sparsity", self.target_sparsity, low=0.0, high=1.0, high_open=True
-            )
-            checked["start"] = check_step_or_fraction("start", 0.05 if self.start is None else self.start)
-            checked["end"] = check_step_or_fraction("end", 0.5 if self.end is None else self.end)
-        elif isinstance(self.schedule, type) or not callable(getattr(self.schedule, "sparsity_at", None)):
-            raise TypeError(
-                f"`schedule` must be one of {', '.join(map(repr, _SCHEDULE_NAMES))} or an object with a "
-                f"`sparsity_at(step)` method, got {self.schedule!r} ({type(self.schedule).__name__})"
-            )
-        else:
-            given = [name for name in ("target_sparsity", "start", "end") if getattr(self, name) is not None]
-            if given:
-                raise ValueError(
-                    f"{', '.join(f'`{n}`' for n in given)} cannot be combined with a schedule object, which sets "
-                    "the sparsity at every step; remove them, or give `schedule` by name"
-                )
+        checked = check_schedule_settings(self.schedule, self.target_sparsity, self.start, self.end)
         if self.freeze_at is not None:
             checked["freeze_at"] = check_step_or_fraction("freeze_at", self.freeze_at)
         checked["rescale"] = check_bool("rescale", self.rescale)
         checked["sigma"] = check_bool("sigma", self.sigma)
         for name, value in checked.items():
             object.__setattr__(self, name, value)
-        _check_order(self.schedule, self.start, self.end, self.freeze_at)
+        check_order(self.schedule, self.start, self.end, self.freeze_at)
 
     @property
     @override
@@ -328,25 +308,18 @@ class ST3(SparsityMethod):
 
     @override
     def for_run(self, total_steps: float) -> Self:
-        start, end, freeze_at = (
-            _to_step(name, getattr(self, name), total_steps) for name in ("start", "end", "freeze_at")
-        )
+        start, end = resolve_ramp(self.schedule, self.start, self.end, total_steps)
+        freeze_at = to_step("freeze_at", self.freeze_at, total_steps)
         # On a very short run (`fast_dev_run`) fractions in order can round onto one step: keep their order.
-        from_fractions = isinstance(self.end, float)
-        if start is not None and end is not None and from_fractions and isinstance(self.start, float):
-            end = max(end, start + 1)
-        if freeze_at is not None and end is not None and from_fractions and isinstance(self.freeze_at, float):
+        fractions = isinstance(self.end, float) and isinstance(self.freeze_at, float)
+        if freeze_at is not None and end is not None and fractions:
             freeze_at = max(freeze_at, end)
-        _check_order(self.schedule, start, end, freeze_at, unit="step ")
+        check_order(self.schedule, start, end, freeze_at, unit="step ")
         if not isinstance(self.schedule, str):
             return dataclasses.replace(self, freeze_at=freeze_at)
         # The resolved method carries its schedule as an object, like a user-given one.
         assert self.target_sparsity is not None and start is not None and end is not None
-        schedule: Schedule
-        if self.schedule == "constant":
-            schedule = ConstantSchedule(self.target_sparsity, start)
-        else:
-            schedule = _SCHEDULES[self.schedule](self.target_sparsity, start, end)
+        schedule = build_schedule(self.schedule, self.target_sparsity, start, end)
         return dataclasses.replace(
             self, schedule=schedule, target_sparsity=None, start=None, end=None, freeze_at=freeze_at
         )
@@ -397,36 +370,3 @@ class ST3(SparsityMethod):
         if isinstance(self.schedule, str):
             raise RuntimeError("ST3's schedule is in fractions of a run: call `for_run(total_steps)` first")
         return self.schedule
-
-
-def _check_order(
-    schedule: str | Schedule, start: StepOrFraction | None, end: StepOrFraction | None,
-    freeze_at: StepOrFraction | None, unit: str = "",
-) -> None:
-    """`start < end <= freeze_at`, for each pair given in the same unit (all are steps after `for_run`)."""
-    # A constant schedule reaches its target at `start`; a schedule object's ramp is its own business.
-    ramp = {"constant": "start"}.get(schedule, "end") if isinstance(schedule, str) else None
-    ramp_end = start if ramp == "start" else end if ramp == "end" else None
-    if ramp == "end" and _same_unit(start, end) and end <= start:  # type: ignore[operator]
-        too_few = "; the run has too few optimizer steps for them" if unit else ""
-        raise ValueError(f"`end` ({unit}{end}) must come after `start` ({unit}{start}){too_few}")
-    if _same_unit(freeze_at, ramp_end) and freeze_at < ramp_end:  # type: ignore[operator]
-        raise ValueError(
-            f"`freeze_at` ({unit}{freeze_at}) must not come before `{ramp}` ({unit}{ramp_end}): "
-            "masks would freeze mid-schedule"
-        )
-
-
-def _same_unit(a: StepOrFraction | None, b: StepOrFraction | None) -> bool:
-    return a is not None and b is not None and type(a) is type(b)
-
-
-def _to_step(name: str, value: StepOrFraction | None, total: float) -> int | None:
-    if value is None or isinstance(value, int):
-        return value
-    if not math.isfinite(total):
-        raise ValueError(
-            f"`{name}={value}` is a fraction of training, but this Trainer has no known number of optimizer "
-            f"steps; set `max_steps` or `max_epochs` on the Trainer, or give `{name}` as an int step"
-        )
-    return round(value * total)

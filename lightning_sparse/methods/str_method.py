@@ -1,7 +1,41 @@
-"""STR: Soft Threshold Reparameterization (Kusupati et al., ICML 2020)."""
+"""STR: Soft Threshold Reparameterization (Kusupati et al., ICML 2020), optionally with a target sparsity.
+
+Plain STR (`s_init`, `threshold_decay`) is the paper's method: each layer's threshold `sigmoid(s_l)` is
+a parameter trained by the gradient of `sign(w) * relu(|w| - sigmoid(s_l))` and pulled up by weight
+decay; the sparsity it ends at is whatever that balance gives, with no way to ask for a number.
+
+Target mode (`target_sparsity=`, with ST-3's `start`, `end` and `schedule`) keeps everything that
+makes STR STR (the same forward, the same gradients to `w` and `s`, the same optimizer and decay) and
+adds one controller after each optimizer step: a global shift `delta` of every layer's threshold in
+logit space, `s_l <- s_l + delta`, chosen so the sparsified weights have exactly the schedule's
+fraction of zeros.
+
+Why a shift in logit space is an exact, budget-preserving control. Weight `i` of layer `l` is zero
+iff `|w_i| <= sigmoid(s_l)`, i.e. (sigmoid being increasing, and for `|w_i| < 1`) iff
+`key_i = logit(|w_i|) - s_l <= 0`. After `s_l <- s_l + delta` it is zero iff `key_i <= delta`. So
+the number of zeros is a step function of the single scalar `delta`, and `delta` = the midpoint
+between the k-th and (k+1)-th smallest keys over all layers, `k = round(target * n)`, gives exactly
+`k` zeros (up to exact ties, as ST-3's quantile). It is the same exact selection as ST-3's global
+magnitude threshold, but over each layer's *normalised* magnitude `|w| / sigmoid(s_l)` (in logit
+form): the *differences* `s_l - s_m`, which decide how the budget is split between layers, are left
+to the gradients, which still train every `s_l` by the paper's formula. A layer whose loss gradient
+pushes its threshold up relative to the others gets pruned more, exactly as in plain STR; only the
+common level, which plain STR leaves to `threshold_decay` and luck, is set by the schedule.
+
+Seen as a controller it is dead-beat: the error `zeros - k` is driven to zero at every step from
+`start` on (the schedule's target, cubic by default, rising to `target_sparsity` at `end`, then held),
+so `sparsity/global` follows `sparsity/target` step by step and fit ends at exactly the target on any
+model without per-target tuning. Before `start` (target 0) nothing is shifted: with the default
+`s_init` the thresholds are ~0 and the net trains dense. The controller's only state is the `s_l`
+themselves (parameters, saved in checkpoints): `delta` is recomputed from weights and thresholds,
+so a resume continues exactly. Weight decay on `s` keeps acting on the per-layer differences (it
+pulls far-off thresholds together), as it does in plain STR.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -12,11 +46,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_sparse.arguments import check_real
-from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod
+from lightning_sparse.arguments import StepOrFraction, check_real
+from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod, distinct_weights
 from lightning_sparse.optim import StepHooks, add_beside, decay_at_each_step, weight_decay_style
+from lightning_sparse.schedules import Schedule, build_schedule, check_order, check_schedule_settings, resolve_ramp
+from lightning_sparse.thresholds import NonFiniteWeightsError, count_non_finite
 
-__all__ = ["STR", "LearnedSoftThreshold"]
+__all__ = ["STR", "LearnedSoftThreshold", "calibrate_thresholds"]
 
 # The `threshold_decay` hook of each optimizer STR decays thresholds in (see `STR.on_fit_start`).
 _DECAY_HOOKS: weakref.WeakKeyDictionary[Optimizer, StepHooks] = weakref.WeakKeyDictionary()
@@ -72,6 +108,17 @@ class LearnedSoftThreshold(SparseParametrization):
         # float32 whatever the weight's dtype: bf16 cannot hold the small decay steps of `s`.
         self.s = torch.nn.Parameter(torch.tensor(float(s_init), dtype=torch.float32, device=device))
 
+    @override
+    def _apply(self, fn: Any, recurse: bool = True) -> Self:
+        # Keep `s` float32 under `module.to(torch.bfloat16)` / `.half()` (Lightning's `bf16-true` converts the
+        # whole model): bf16 cannot hold the small decay steps of `s` (-100 has a resolution of 0.5). Device
+        # moves still apply.
+        dtype = self.s.dtype
+        super()._apply(fn, recurse)
+        if self.s.dtype != dtype and dtype == torch.float32:
+            self.s.data = self.s.data.float()
+        return self
+
     def threshold(self) -> Tensor:
         """The current magnitude threshold `sigmoid(s)`."""
         return torch.sigmoid(self.s)
@@ -96,12 +143,71 @@ class LearnedSoftThreshold(SparseParametrization):
         return candidate
 
 
+@torch.no_grad()
+def calibrate_thresholds(
+    layers: Sequence[LearnedSoftThreshold],
+    weights: Sequence[Tensor],
+    sparsity: float,
+    names: Sequence[str] | None = None,
+) -> float:
+    """Shift every layer's `s` by one `delta` so exactly `round(sparsity * n)` weights are at or under their threshold.
+
+    `weights` are the raw weights, in the order of `layers`. Weight `i` of layer `l` is pruned iff
+    `logit(|w_i|) - s_l <= 0`; `delta` is the midpoint between the k-th and (k+1)-th smallest of these
+    keys over all layers (float64), so after `s_l += delta` exactly `k` are pruned, up to exact ties.
+    The differences between the layers' `s` (their learned budget split) are unchanged. Returns `delta`.
+    Raises `NonFiniteWeightsError` before changing anything if a weight holds NaN or inf.
+
+    Example:
+        >>> a, b = LearnedSoftThreshold(s_init=0.0), LearnedSoftThreshold(s_init=-1.0)
+        >>> wa, wb = torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.01, 0.02, 0.03, 0.04])
+        >>> _ = calibrate_thresholds([a, b], [wa, wb], sparsity=0.5)
+        >>> int((~a.keep_mask(wa)).sum() + (~b.keep_mask(wb)).sum())
+        4
+    """
+    if not layers:
+        return 0.0
+    keys = []
+    for layer, weight in zip(layers, weights, strict=True):
+        magnitude = weight.detach().double().abs()
+        # logit(1) = inf: a weight of magnitude >= 1 is above every threshold sigmoid(s) < 1.
+        keys.append((torch.logit(magnitude.clamp(max=1.0)) - layer.s.detach().double()).flatten())
+    flat = torch.cat(keys)
+    if torch.isnan(flat).any():
+        labels = list(names) if names is not None else [f"#{i}" for i in range(len(weights))]
+        raise NonFiniteWeightsError(count_non_finite(dict(zip(labels, weights, strict=True))))
+    k = round(sparsity * flat.numel())
+    if k == 0:
+        below = flat.min().item()  # below every key: nothing pruned but exact zeros
+        lo, hi = -math.inf, below
+    else:
+        lo = flat.kthvalue(k).values.item()
+        above = flat[flat > lo]
+        hi = above.min().item() if above.numel() else math.inf
+    if math.isfinite(lo) and math.isfinite(hi):
+        delta = (lo + hi) / 2
+    elif math.isfinite(lo):
+        delta = lo + 1.0
+    elif math.isfinite(hi):
+        delta = hi - 1.0
+    else:
+        delta = 0.0
+    for layer in layers:
+        layer.s.add_(delta)
+    return delta
+
+
 @dataclass(frozen=True)
 class STR(SparsityMethod):
-    """STR: one learnable threshold per layer, trained by your optimizer; no target sparsity.
+    """STR: one learnable threshold per layer, trained by your optimizer; optionally a target sparsity.
 
-    Sparsity comes from weight decay pulling the negative `s` towards 0 against the loss: the decay
-    sets how sparse the model gets, `s_init` mostly when pruning starts.
+    Plain (no `target_sparsity`): sparsity comes from weight decay pulling the negative `s` towards 0
+    against the loss: the decay sets how sparse the model gets, `s_init` mostly when pruning starts.
+
+    With `target_sparsity`: after each optimizer step from `start` on, every layer's `s` is shifted by
+    one common amount in logit space so that exactly the schedule's fraction of the sparsified weights is
+    zero (`calibrate_thresholds`); the gradients still train each `s`, so the split of the budget between
+    layers is STR's, learned. Fit ends at exactly `target_sparsity` (up to ties). See the module's docstring.
 
     Args:
         s_init: Initial threshold parameter; `sigmoid(s_init)` is the initial threshold. Default -100.
@@ -111,8 +217,15 @@ class STR(SparsityMethod):
             thresholds stay in their weight's param group, so its learning rate, momentum and LR
             schedule are theirs. Needs an optimizer with weight decay. Default: whatever your
             optimizer applies to the weights around them.
+        target_sparsity: Final fraction of zeros over all sparsified weights, in [0, 1). Default: none
+            (plain STR).
+        start, end, schedule: As ST-3's (`ST3`): where the target ramps from 0 to `target_sparsity`
+            (optimizer step or fraction of the run; default 0.05 and 0.5), and its shape (``"cubic"``
+            by default, ``"linear"``, ``"constant"``, or a schedule object replacing the three others).
 
     Example:
+        >>> STR(target_sparsity=0.9).for_run(total_steps=100).target(100)
+        0.9
         >>> STR(s_init=-5.0, threshold_decay=2e-2).name
         'str'
         >>> STR(threshold_decay=float("nan"))
@@ -123,6 +236,10 @@ class STR(SparsityMethod):
 
     s_init: float = -100.0
     threshold_decay: float | None = None
+    target_sparsity: float | None = None
+    start: StepOrFraction | None = None
+    end: StepOrFraction | None = None
+    schedule: str | Schedule = "cubic"
 
     parametrization_class = LearnedSoftThreshold
 
@@ -130,6 +247,54 @@ class STR(SparsityMethod):
         object.__setattr__(self, "s_init", check_real("s_init", self.s_init))
         if self.threshold_decay is not None:
             object.__setattr__(self, "threshold_decay", check_real("threshold_decay", self.threshold_decay, low=0.0))
+        plain = self.target_sparsity is None and self.schedule == "cubic"
+        if plain and (self.start is not None or self.end is not None):
+            raise ValueError("`start` and `end` set when STR's target sparsity ramps: give `target_sparsity` too")
+        if not plain:
+            checked = check_schedule_settings(self.schedule, self.target_sparsity, self.start, self.end)
+            for name, value in checked.items():
+                object.__setattr__(self, name, value)
+            check_order(self.schedule, self.start, self.end)
+
+    @property
+    def has_target(self) -> bool:
+        """Whether this STR follows a target sparsity (else the plain method, sparsity from decay)."""
+        return self.target_sparsity is not None or not isinstance(self.schedule, str)
+
+    @override
+    def for_run(self, total_steps: float) -> Self:
+        if not self.has_target or not isinstance(self.schedule, str):
+            return self
+        start, end = resolve_ramp(self.schedule, self.start, self.end, total_steps)
+        check_order(self.schedule, start, end, unit="step ")
+        assert self.target_sparsity is not None and start is not None and end is not None
+        schedule = build_schedule(self.schedule, self.target_sparsity, start, end)
+        return dataclasses.replace(self, schedule=schedule, target_sparsity=None, start=None, end=None)
+
+    @override
+    def after_optimizer_step(self, step: int, layers: SparseLayers) -> None:
+        """With a target: shift every threshold so the sparsity is exactly the schedule's (none before `start`)."""
+        if not self.has_target:
+            return
+        sparsity = self.target(step)
+        if sparsity is None or sparsity <= 0.0:
+            return
+        pairs = [(p, w) for p, w in distinct_weights(layers) if isinstance(p, LearnedSoftThreshold)]
+        names = {id(p): name for name, (_, p) in reversed(list(layers.items()))}
+        try:
+            calibrate_thresholds(
+                [p for p, _ in pairs], [w for _, w in pairs], sparsity, names=[names[id(p)] for p, _ in pairs]
+            )
+        except NonFiniteWeightsError as error:
+            raise NonFiniteWeightsError(error.layers, step) from None
+
+    @override
+    def target(self, step: int) -> float | None:
+        if not self.has_target:
+            return None
+        if isinstance(self.schedule, str):
+            raise RuntimeError("STR's schedule is in fractions of a run: call `for_run(total_steps)` first")
+        return self.schedule.sparsity_at(step)
 
     @property
     @override
@@ -194,7 +359,7 @@ class STR(SparsityMethod):
                 _DECAY_HOOKS[optimizer] = decay_at_each_step(optimizer, thresholds, self.threshold_decay)
         warnings = []
         decays = [g.get("weight_decay", 0) for _, g in groups.values()]
-        if groups and self.threshold_decay is None and not any(decays):
+        if groups and self.threshold_decay is None and not any(decays) and not self.has_target:
             warnings.append(
                 "STR's sparsity comes from weight decay on its thresholds, and your optimizer applies none "
                 "to them: the model will stay dense. Pass `threshold_decay=` to STR / SparsityCallback."
@@ -233,12 +398,16 @@ class STR(SparsityMethod):
 
     @override
     def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:
-        """``threshold/<layer name>``: each layer's threshold `sigmoid(s)`."""
+        """``threshold/<layer name>``: each layer's threshold `sigmoid(s)`; with a target, ``sparsity/target``."""
         named = {name: p for name, (_, p) in layers.items() if isinstance(p, LearnedSoftThreshold)}
+        metrics: dict[str, float] = {}
+        target = self.target(step)
+        if target is not None:
+            metrics["sparsity/target"] = target
         if not named:
-            return {}
+            return metrics
         values = torch.stack([p.threshold().detach().float() for p in named.values()]).tolist()
-        return {f"threshold/{name}": value for name, value in zip(named, values, strict=True)}
+        return metrics | {f"threshold/{name}": value for name, value in zip(named, values, strict=True)}
 
 
 def _threshold_name(weight_name: str) -> str:
