@@ -70,8 +70,8 @@ class SparsityMethod(ABC):
     The hooks, in the order `SparsityCallback` calls them in `fit`: `for_run` (once the run length is
     known), `parametrization` (per distinct weight, right after the LightningModule's
     `configure_model`), `on_fit_start` (once the optimizers exist), then `after_optimizer_step` after
-    each optimizer step, and `metrics` when logging. The methods' own state lives in their
-    parametrizations, so the method object stays a frozen value.
+    each optimizer step, and `metrics` when logging. A method's state lives in its parametrizations (or
+    in hooks on the optimizers it adapts), so the method object stays a frozen value.
     """
 
     parametrization_class: ClassVar[type[SparseParametrization]]
