@@ -27,32 +27,18 @@ from lightning_sparse.thresholds import NonFiniteWeightsError, count_non_finite,
 __all__ = ["ST3", "StraightThroughSoftThreshold", "channel_totals", "sigma_scale", "update_thresholds"]
 
 
-class _SoftThresholdStraightThrough(torch.autograd.Function):
-    """Forward: soft threshold and channel rescale. Backward: the identity, to every weight."""
-
-    @staticmethod
-    @override
-    def forward(weight: Tensor, threshold: Tensor, scale: Tensor) -> Tensor:
-        shrunk = weight - weight.clamp(-threshold, threshold)
-        return shrunk.mul_(scale.to(weight.dtype))
-
-    @staticmethod
-    @override
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
-
-    @staticmethod
-    @override
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        # Pruned weights keep receiving the full gradient, so they can come back at the next threshold.
-        return grad, None, None
+def _soft_threshold(weight: Tensor, threshold: Tensor, scale: Tensor) -> Tensor:
+    """ST-3's effective weight, `sign(w) * relu(|w| - t) * c`, in two passes and the weight's dtype."""
+    shrunk = weight - weight.clamp(-threshold, threshold)
+    return shrunk.mul_(scale.to(weight.dtype))
 
 
-class _StraightThroughCached(torch.autograd.Function):
+class _StraightThrough(torch.autograd.Function):
     """Forward: an effective weight already computed from `weight`. Backward: the identity, to `weight`.
 
-    Lets every forward between two changes of the raw weight (gradient accumulation, validation) reuse one
-    effective weight: the soft threshold and rescale cost one pass per optimizer step, not three per forward.
+    Pruned weights keep receiving the full gradient, so they can come back at the next threshold. Taking
+    the effective weight as an input lets every forward between two changes of the raw weight (gradient
+    accumulation, validation) reuse one: the soft threshold and rescale cost one pass per optimizer step.
     """
 
     @staticmethod
@@ -113,17 +99,19 @@ class StraightThroughSoftThreshold(SparseParametrization):
         if self.frozen:
             return weight * self.mask
         if torch.compiler.is_compiling():
-            return cast(Tensor, _SoftThresholdStraightThrough.apply(weight, self.threshold, self.scale))
+            with torch.no_grad():
+                effective = _soft_threshold(weight.detach(), self.threshold, self.scale)
+            return cast(Tensor, _StraightThrough.apply(weight, effective))
         # The raw weight changes only at optimizer steps (and the buffers at threshold updates): the effective
         # weight is computed once after each change and served to every forward until the next one.
         key = (_tensor_key(weight), _tensor_key(self.threshold), _tensor_key(self.scale))
         cache = self._effective
         if cache is None or cache[0] != key:
             with torch.no_grad():
-                effective = _SoftThresholdStraightThrough.forward(weight.detach(), self.threshold, self.scale)
+                effective = _soft_threshold(weight.detach(), self.threshold, self.scale)
             # The key holds the tensors' ids: keep them alive with it, so no other tensor can take their id.
             cache = self._effective = (key, effective, (weight, self.threshold, self.scale))
-        return cast(Tensor, _StraightThroughCached.apply(weight, cache[1]))
+        return cast(Tensor, _StraightThrough.apply(weight, cache[1]))
 
     @override
     def keep_mask(self, weight: Tensor) -> Tensor:
