@@ -200,3 +200,70 @@ def test_hardening_an_attention_layer_gives_back_its_parameter_order_and_a_stric
 def test_output_axes_is_checked_at_construction() -> None:
     with pytest.raises(TypeError, match=r"`output_axes` maps module types or name patterns to the axis"):
         SparsityCallback("st3", 0.9, output_axes={"*.c_attn": "1"})  # type: ignore[dict-item]
+
+
+class HuggingFaceLM(pl.LightningModule):
+    """A Hugging Face causal or masked language model from a small config, on random tokens."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.example_input_array = {"input_ids": torch.zeros(2, CONTEXT, dtype=torch.long)}
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids).logits  # type: ignore[no-any-return]
+
+    def training_step(self, batch: tuple[Tensor], batch_idx: int) -> Tensor:
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens).loss  # type: ignore[no-any-return]
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        tokens = torch.randint(0, VOCAB, (32, CONTEXT), generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(tokens), batch_size=8)
+
+
+def _gpt2() -> tuple[nn.Module, dict[str, Any]]:
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=CONTEXT, n_embd=WIDTH, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+    )
+    # GPT-2's projections are `Conv1D`s, weights stored (in, out): opted in, with their output axis.
+    return transformers.GPT2LMHeadModel(config), {"include": [nn.Linear, Conv1D], "output_axes": {Conv1D: 1}}
+
+
+def _bert() -> tuple[nn.Module, dict[str, Any]]:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * WIDTH
+    )
+    return transformers.BertForMaskedLM(config), {}
+
+
+@pytest.mark.parametrize("build", [_gpt2, _bert], ids=["gpt2", "bert-mlm"])
+def test_hugging_face_language_models_with_tied_embeddings_harden_without_changing_outputs(
+    tmp_path: Path, build: Any
+) -> None:
+    torch.manual_seed(0)
+    model, settings = build()
+    module = HuggingFaceLM(model)
+    callback = SparsityCallback("st3", 0.9, harden_on_fit_end=False, **settings)
+    make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(module)
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    (tied,) = (w for w in sparsity_parametrizations(module).values() if (embedding, "weight") in w.holders)
+    assert (output, "weight") in tied.holders and torch.equal(output.weight, embedding.weight)
+    tokens = torch.randint(0, VOCAB, (4, CONTEXT), generator=torch.Generator().manual_seed(1))
+    module.eval()
+    with torch.no_grad():
+        before = module(tokens)
+
+    harden(module)
+
+    assert output.weight is model.get_input_embeddings().weight
+    assert (output.weight == 0).float().mean() > 0.5
+    with torch.no_grad():
+        torch.testing.assert_close(module(tokens), before, atol=1e-4, rtol=0)
