@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,6 @@ STR_ARGS: dict[str, Any] = {"method": "str", "s_init": -3.0, "threshold_decay": 
 # Ramp over steps 3..13, masks frozen from step 19: a resume after epoch 1 lands mid-ramp, after epoch 3 frozen.
 ST3_ARGS: dict[str, Any] = {"method": "st3", "target_sparsity": 0.8, "start": 0.1, "end": 0.4, "freeze_at": 0.6}
 UNFROZEN_ST3_ARGS = {**ST3_ARGS, "freeze_at": None}
-
-
 
 
 def fit(root: Path, callback_args: dict[str, Any], *callbacks: pl.Callback, ckpt_path: Path | None = None) -> TinyNet:
@@ -191,6 +190,26 @@ def test_resume_with_a_changed_schedule_warns_and_continues(
     weights = [model.conv.weight, model.fc.weight]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_checkpoint_from_before_min_density_resumes_with_its_default_and_a_change_is_a_warning(
+    tmp_path: Path, mid_run_checkpoints: dict[str, Path]
+) -> None:
+    checkpoint = torch.load(mid_run_checkpoints["st3"], weights_only=True)
+    (state,) = [s for s in checkpoint["callbacks"].values() if "schedule_step" in s]
+    del state["min_density"]  # as lightning-sparse 0.2.0 wrote it
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, max_epochs=1, callbacks=[SparsityCallback(**UNFROZEN_ST3_ARGS)]).fit(
+            TinyNet(), ckpt_path=tmp_path / "old.ckpt"
+        )
+    assert [str(w.message) for w in caught if "differ from the checkpoint" in str(w.message)] == []
+    # A minimum changes the thresholds from now on, not what the saved tensors mean: a resume may change it.
+    with pytest.warns(UserWarning, match=r"differ from the checkpoint's.*\n- min_density: 0.0 in the checkpoint, 0.05"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[SparsityCallback(**UNFROZEN_ST3_ARGS, min_density=0.05)]).fit(
+            TinyNet(), ckpt_path=tmp_path / "old.ckpt"
+        )
 
 
 def test_sparse_training_starts_from_a_dense_pretrained_checkpoint(tmp_path: Path) -> None:
