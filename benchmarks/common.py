@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 
 from lightning_sparse import CubicSchedule
-from lightning_sparse.layers import select_layers
+from lightning_sparse.layers import select_weights
 
 BENCHMARKS = Path(__file__).resolve().parent
 RESULTS_DIR = BENCHMARKS / "results"
@@ -71,7 +71,7 @@ def trainer(callbacks: Sequence[pl.Callback] = (), **kwargs: Any) -> pl.Trainer:
 
 def prunable_weights(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """The weights SparsityCallback sparsifies by default (every conv and linear), as ModelPruning wants them."""
-    return [(module, "weight") for module in select_layers(model).values()]
+    return [weight.holders[0] for weight in select_weights(model).values()]
 
 
 def cubic_increments(schedule: CubicSchedule, call_steps: Sequence[int]) -> list[float]:

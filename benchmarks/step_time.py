@@ -49,7 +49,7 @@ from common import (
     trainer,
 )
 from lightning_sparse import CubicSchedule, SparsityCallback
-from lightning_sparse.layers import select_layers
+from lightning_sparse.layers import select_weights, stored_tensor
 
 BATCH = 128
 EPOCH_BATCHES = 20
@@ -107,7 +107,11 @@ class WeightNormEveryStep(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Before the optimizer is built, as SparsityCallback does: the parametrization keeps the same Parameter.
-        layers = [f"{name}.weight" for name, layer in select_layers(pl_module).items() if layer.weight.dim() == 2]
+        layers = [
+            f"{name}.weight"
+            for name, weight in select_weights(pl_module).items()
+            if stored_tensor(*weight.holders[0]).dim() == 2
+        ]
         self.sparsifier.prepare(pl_module, [{"tensor_fqn": fqn} for fqn in layers])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

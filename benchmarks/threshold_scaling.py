@@ -32,7 +32,7 @@ import torchvision
 from torch import nn
 
 from common import command_line, machine, machine_line, markdown_table, publish, reset_peak_rss, rss_mib
-from lightning_sparse.layers import select_layers
+from lightning_sparse.layers import select_weights, stored_tensor
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 
 SIZES = (1_000_000, 10_000_000, 25_000_000, 100_000_000)
@@ -44,7 +44,7 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     """Shapes of torchvision ResNet-50's conv and fc weights (built on the meta device: no memory)."""
     with torch.device("meta"):
         model = torchvision.models.resnet50()
-    return [tuple(layer.weight.shape) for layer in select_layers(model).values()]
+    return [tuple(stored_tensor(*weight.holders[0]).shape) for weight in select_weights(model).values()]
 
 
 def scaled_shapes(target: int) -> list[tuple[int, ...]]:
@@ -122,7 +122,7 @@ def resnet50_step_seconds(repeats: int) -> tuple[int, float]:
         optimizer.step()
 
     step()  # warm-up: allocations, momentum buffers
-    weights = sum(layer.weight.numel() for layer in select_layers(model).values())
+    weights = sum(stored_tensor(*weight.holders[0]).numel() for weight in select_weights(model).values())
     return weights, median_seconds(step, repeats)
 
 

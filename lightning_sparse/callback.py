@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -25,17 +26,20 @@ from lightning_sparse.checkpoint import (
 )
 from lightning_sparse.hardening import harden
 from lightning_sparse.layers import (
+    Holder,
     LayerFilter,
     check_filters,
-    parametrize_layers,
-    select_layers,
+    check_output_axes,
+    parametrize_weights,
+    select_weights,
     sparsity_parametrizations,
-    unparametrize_layers,
+    unparametrize,
 )
 from lightning_sparse.methods import SparsityMethod, make_method
-from lightning_sparse.methods.base import SparseLayers, distinct_weights, original_weight
+from lightning_sparse.methods.base import SparseLayers, distinct_weights
 from lightning_sparse.reporting import SparsityReport
 from lightning_sparse.schedules import Schedule
+from lightning_sparse.stats import sparsified_fraction
 
 __all__ = ["SparsityCallback"]
 
@@ -65,9 +69,13 @@ class SparsityCallback(Callback):
         target_sparsity, start, end, schedule, freeze_at, rescale, min_density: ST-3's settings (see
             `ST3`), with a method name only.
         s_init, threshold_decay: STR's settings (see `STR`), with a method name only.
-        include: Module-name patterns or module types to sparsify (one, or a list), replacing the
-            default (every Conv1d/2d/3d and Linear).
-        exclude: Module-name patterns or module types to leave dense (one, or a list).
+        include: Module types, or name patterns of modules or else of parameters, to sparsify (one, or a
+            list), replacing the default (every Conv1d/2d/3d and Linear weight and MultiheadAttention
+            projection). See `lightning_sparse.layers.select_weights`.
+        exclude: The same, to leave dense (one, or a list).
+        output_axes: The axis holding the output channels of the weights of some module types or name
+            patterns, for a third-party layer that stores its weight transposed, e.g.
+            `{transformers.pytorch_utils.Conv1D: 1}`; ConvTranspose's is known.
         harden_on_fit_end: At the end of `fit`, write the sparse weights into plain parameters and
             remove the reparameterizations (see `harden`).
         log_every_n_steps: Log sparsity and FLOPs to the trainer's loggers every that many optimizer
@@ -93,6 +101,7 @@ class SparsityCallback(Callback):
         threshold_decay: float | None = None,
         include: Sequence[LayerFilter] | LayerFilter | None = None,
         exclude: Sequence[LayerFilter] | LayerFilter | None = None,
+        output_axes: dict[LayerFilter, int] | None = None,
         harden_on_fit_end: bool = True,
         log_every_n_steps: int | None = None,
     ) -> None:
@@ -119,6 +128,7 @@ class SparsityCallback(Callback):
             self.method = make_method(method, **settings)
         self.include = check_filters("include", include)
         self.exclude = check_filters("exclude", exclude) or []
+        self.output_axes = check_output_axes(output_axes)
         self.harden_on_fit_end = check_bool("harden_on_fit_end", harden_on_fit_end)
         self._report = SparsityReport(log_every_n_steps)
         self._run: SparsityMethod | None = None  # `method` with this fit's steps, from `setup("fit")`
@@ -127,7 +137,7 @@ class SparsityCallback(Callback):
         self._last_global_step = -1
         self._stepped = False  # whether this fit made an optimizer step
         self._layers: SparseLayers = {}
-        self._added: list[nn.Module] = []  # layers this fit reparameterized, to undo if it fails early
+        self._added: list[Holder] = []  # what this fit reparameterized, to undo if it fails early
         self._hooked: pl.LightningModule | None = None  # the module carrying our restore and configure hooks
         self._restore_hook: RemovableHandle | None = None
 
@@ -164,24 +174,24 @@ class SparsityCallback(Callback):
         pl_module.configure_model = configure_model  # type: ignore[method-assign]
 
     def _reparameterize(self, pl_module: pl.LightningModule) -> SparseLayers:
-        layers = select_layers(pl_module, self.include, self.exclude)
+        layers = select_weights(pl_module, self.include, self.exclude, self.output_axes)
         if not layers:
             raise ValueError(
-                f"{type(pl_module).__name__} has no layer to sparsify: no Conv1d/2d/3d or Linear "
-                "(or nothing left after `include`/`exclude`); pass `include=[...]` naming the layers to sparsify"
+                f"{type(pl_module).__name__} has no weight to sparsify: no Conv1d/2d/3d, Linear or "
+                "MultiheadAttention (or nothing left after `include`/`exclude`); pass `include=[...]` naming the "
+                "layers or parameters to sparsify"
             )
         existing = sparsity_parametrizations(pl_module)
         if existing:
             # A second fit on a model that was not hardened: keep its reparameterization, don't stack one more.
-            if set(existing) != set(layers) or not all(self.method.owns(p) for _, p in existing.values()):
+            if set(existing) != set(layers) or not all(self.method.owns(w.parametrization) for w in existing.values()):
                 raise ValueError(
                     f"{type(pl_module).__name__} already carries a different sparsity reparameterization "
                     f"(layers {sorted(existing)}); call `lightning_sparse.harden(model)` before training it "
                     f"with method={self.method.name!r} on layers {sorted(layers)}"
                 )
             return existing
-        parametrize_layers(layers, self._run_method().parametrization)
-        self._added = list(layers.values())
+        self._added = parametrize_weights(layers, self._run_method().parametrization)
         return sparsity_parametrizations(pl_module)
 
     @override
@@ -201,7 +211,7 @@ class SparsityCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_global_step = trainer.global_step
-        self._report.on_train_start(trainer)
+        self._report.on_train_start(trainer, sparsified_fraction(pl_module))
 
     @override
     def on_train_batch_end(
@@ -258,7 +268,7 @@ class SparsityCallback(Callback):
                     "it groups parameters by name (e.g. names ending in `weight`), group them by module type or "
                     "parameter identity instead (`module.parametrizations.weight.original` is the raw weight)."
                 )
-            unparametrize_layers(self._added)  # nothing trained: give the model back as it came
+            unparametrize(self._added)  # nothing trained: give the model back as it came
             self._layers, self._added = {}, []
         elif self._layers:
             rank_zero_warn(
@@ -307,7 +317,7 @@ class SparsityCallback(Callback):
             return
         must_keep = {"method", "layers", *self.method.reparameterization_settings}
         try:
-            if saved is None and any("parametrizations.weight.original" in key for key in state_dict):
+            if saved is None and any(_REPARAMETERIZED_KEY.search(key) for key in state_dict):
                 raise ValueError(
                     "it was saved during sparse training but holds no SparsityCallback or optimizer state (a "
                     "`save_weights_only=True` checkpoint), so training cannot resume from it. Load it with "
@@ -323,7 +333,7 @@ class SparsityCallback(Callback):
                 saved = {**self.method.default_settings(), **saved}
             changes = check_resume(saved, self._resume_settings(sorted(self._layers)), must_keep)
         except ValueError as error:
-            unparametrize_layers(self._added)  # give the model back as it came
+            unparametrize(self._added)  # give the model back as it came
             self._layers, self._added = {}, []
             raise ValueError(f"Cannot resume from {trainer.ckpt_path} (nothing was loaded): {error}") from None
         if changes:
@@ -345,6 +355,7 @@ class SparsityCallback(Callback):
 
 
 _WEIGHT_AVERAGING = (StochasticWeightAveraging, WeightAveraging)
+_REPARAMETERIZED_KEY = re.compile(r"(^|\.)parametrizations\.[^.]+\.original$")
 _TARGET_TOLERANCE = 0.005  # fit ends within this of its target, up to exact ties at the threshold
 
 
@@ -364,5 +375,5 @@ def _undecayed_weights(layers: SparseLayers, optimizers: Sequence[Optimizer]) ->
         if not any(g.get("weight_decay", 0) for g in optimizer.param_groups):
             continue
         decay = {id(p): g.get("weight_decay", 0) for g in optimizer.param_groups for p in g["params"]}
-        undecayed += [name for name, (module, _) in layers.items() if decay.get(id(original_weight(module))) == 0]
+        undecayed += [name for name, weight in layers.items() if decay.get(id(weight.raw)) == 0]
     return undecayed

@@ -26,6 +26,7 @@ from lightning.fabric.utilities.types import _MAP_LOCATION_TYPE, _PATH
 from torch import Tensor
 
 from lightning_sparse.methods import PARAMETRIZATIONS
+from lightning_sparse.methods.base import weight_name
 
 __all__ = [
     "changed_settings",
@@ -38,7 +39,9 @@ __all__ = [
 
 _LightningModuleT = TypeVar("_LightningModuleT", bound=pl.LightningModule)
 
-_REPARAMETERIZED_KEY = re.compile(r"(?P<layer>(?:.+\.)?)parametrizations\.weight\.(?P<entry>original|\d+\..+)")
+_REPARAMETERIZED_KEY = re.compile(
+    r"(?P<layer>(?:.+\.)?)parametrizations\.(?P<tensor>[^.]+)\.(?P<entry>original|\d+\..+)"
+)
 _ENTRY_INDEX = re.compile(r"(?P<index>\d+)\.(?P<name>.+)")
 
 
@@ -71,46 +74,57 @@ def harden_state_dict(state_dict: Mapping[str, Any], layers: Collection[str] | N
         >>> torch.equal(plain.weight, layer.weight)
         True
     """
-    groups: dict[str, dict[str, Any]] = {}
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
     for key, value in state_dict.items():
         if match := _REPARAMETERIZED_KEY.fullmatch(key):
-            groups.setdefault(match["layer"], {})[match["entry"]] = value
-    effective = {layer: _effective_weight(layer, entries) for layer, entries in groups.items()}
+            groups.setdefault((match["layer"], match["tensor"]), {})[match["entry"]] = value
+    effective = {group: _effective_weight(*group, entries) for group, entries in groups.items()}
     for name in layers or ():
-        prefix = f"{name}." if name else ""
-        if prefix in groups and effective[prefix] is None:
-            found = ", ".join(f"{prefix}parametrizations.weight.{entry}" for entry in groups[prefix])
-            raise ValueError(
-                f"layer {name!r} was sparsified, but its saved reparameterization is no lightning-sparse one: its "
-                f"entries are {found}, without the method's state ({prefix}parametrizations.weight.0.*); the state "
-                "dict is damaged or incomplete"
-            )
+        for (layer, tensor), weight in effective.items():
+            if _group_name(layer, tensor) == name and weight is None:
+                found = ", ".join(f"{layer}parametrizations.{tensor}.{entry}" for entry in groups[layer, tensor])
+                raise ValueError(
+                    f"weight {name!r} was sparsified, but its saved reparameterization is no lightning-sparse one: "
+                    f"its entries are {found}, without the method's state ({layer}parametrizations.{tensor}.0.*); "
+                    "the state dict is damaged or incomplete"
+                )
+    # Ours alone on a tensor: the group becomes the plain tensor, which goes before its module's first other
+    # entry, where `harden` puts it too. Ours under others: they stay, on `original` holding the effective weight.
+    alone = {
+        group: weight
+        for group, weight in effective.items()
+        if weight is not None and all(entry == "original" or entry.startswith("0.") for entry in groups[group])
+    }
     hardened: dict[str, Any] = OrderedDict()
     for key, value in state_dict.items():
         match = _REPARAMETERIZED_KEY.fullmatch(key)
-        layer = match["layer"] if match else key[: key.rfind(".") + 1]
-        weight = effective.get(layer)
-        if weight is None:
+        prefix = match["layer"] if match else key[: key.rfind(".") + 1]
+        for (layer, tensor), weight in alone.items():
+            if layer == prefix:
+                hardened.setdefault(f"{layer}{tensor}", weight)
+        if match is None or effective[match["layer"], match["tensor"]] is None:
             hardened[key] = value
-        elif not any(entry != "original" and not entry.startswith("0.") for entry in groups[layer]):
-            # Each layer's weight goes before its first other entry, where `harden` puts it too.
-            hardened.setdefault(f"{layer}weight", weight)
-            if match is None:
-                hardened[key] = value
-        elif match is None:
-            hardened[key] = value
+        elif (match["layer"], match["tensor"]) in alone:
+            continue
         elif match["entry"] == "original":
-            hardened[key] = weight
+            hardened[key] = effective[match["layer"], match["tensor"]]
         elif (entry := _ENTRY_INDEX.fullmatch(match["entry"])) and entry["index"] != "0":
             # Parametrizations stacked on ours stay, one place down, as `harden` leaves them.
-            hardened[f"{layer}parametrizations.weight.{int(entry['index']) - 1}.{entry['name']}"] = value
+            hardened[
+                f"{match['layer']}parametrizations.{match['tensor']}.{int(entry['index']) - 1}.{entry['name']}"
+            ] = value
     if hasattr(state_dict, "_metadata"):
         hardened._metadata = state_dict._metadata  # type: ignore[attr-defined]  # module versions, for loading
     return hardened
 
 
-def _effective_weight(layer: str, entries: dict[str, Any]) -> Tensor | None:
-    """The effective weight of one layer's saved lightning-sparse reparameterization (the first in its
+def _group_name(layer: str, tensor: str) -> str:
+    """The `weight_name` of the tensor whose parametrizations are saved as `<layer>parametrizations.<tensor>.*`."""
+    return weight_name(layer.removesuffix("."), tensor)
+
+
+def _effective_weight(layer: str, tensor: str, entries: dict[str, Any]) -> Tensor | None:
+    """The effective weight of one weight's saved lightning-sparse reparameterization (the first in its
     chain); None for any other. Raises for a lightning-sparse one that lacks entries."""
     original = entries.get("original")
     if original is None:
@@ -120,9 +134,9 @@ def _effective_weight(layer: str, entries: dict[str, Any]) -> Tensor | None:
         try:
             parametrization = parametrization_class.from_state_dict(original, state)
         except KeyError as error:
-            missing = ", ".join(f"{layer}parametrizations.weight.0.{key}" for key in error.args)
+            missing = ", ".join(f"{layer}parametrizations.{tensor}.0.{key}" for key in error.args)
             raise ValueError(
-                f"layer {layer.removesuffix('.')!r}: its saved {parametrization_class.__name__} lacks {missing}; "
+                f"weight {_group_name(layer, tensor)!r}: its saved {parametrization_class.__name__} lacks {missing}; "
                 "the state dict is damaged or incomplete, and cannot be hardened"
             ) from None
         if parametrization is not None:

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from lightning_sparse.layers import check_removable, remove_parametrization, sparsity_parametrizations
-from lightning_sparse.methods.base import original_weight
 
 __all__ = ["harden"]
 
@@ -20,7 +19,8 @@ def harden(module: _ModuleT) -> _ModuleT:
     """Write the effective sparse weights into the plain parameters and drop the reparameterizations.
 
     In place; returns `module`. Afterwards every layer has its original class, its `weight` is an
-    ordinary parameter (the same object the optimizer held) with exact zeros, the method's shrink
+    ordinary parameter (the same object the optimizer held) with exact zeros (a weight tied between
+    modules stays one parameter, so the model computes what it computed before), the method's shrink
     and rescale are baked in, thresholds and masks are gone, and `state_dict()` keys equal the
     unmodified model's. A model without lightning-sparse reparameterizations is returned as is.
 
@@ -38,12 +38,11 @@ def harden(module: _ModuleT) -> _ModuleT:
         ['bias', 'weight']
     """
     layers = sparsity_parametrizations(module)
-    for name, (layer, _) in layers.items():
-        check_removable(name, layer)
-    done: set[int] = set()
-    for layer, _ in layers.values():
-        weight = original_weight(layer)
-        # A tied weight already holds its effective value after the first of its layers.
-        remove_parametrization(layer, bake=id(weight) not in done)
-        done.add(id(weight))
+    for name, weight in layers.items():
+        for layer, tensor_name in weight.holders:
+            check_removable(name, layer, tensor_name)
+    for weight in layers.values():
+        # Holders of a tied weight share its raw tensor: baked in by the first, it is the effective one for the rest.
+        for i, (layer, tensor_name) in enumerate(weight.holders):
+            remove_parametrization(layer, tensor_name, bake=i == 0)
     return module

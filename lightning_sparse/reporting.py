@@ -6,9 +6,10 @@ matplotlib. The numbers come from `stats` and from the method's own `metrics`.
 Logged keys, grouped so a W&B workspace puts each family in its own section:
 
 - ``sparsity/global``: fraction of zeros over all sparsified weights.
-- ``sparsity/fully_pruned_layers``: how many sparsified layers have no non-zero weight left. Each such
-  layer is also named in a warning (rank zero), once per fit, when a log first finds it so.
-- ``layer_sparsity/<module name>``: each sparsified layer's fraction of zeros.
+- ``sparsity/coverage``: fraction of the model's weight entries that are sparsified (`sparsified_fraction`).
+- ``sparsity/fully_pruned_layers``: how many sparsified weights have no non-zero entry left. Each is also
+  named in a warning (rank zero), once per fit, when a log first finds it so.
+- ``layer_sparsity/<weight name>``: each sparsified weight's fraction of zeros.
 - ``flops/dense``, ``flops/sparse`` (multiply-accumulates per sample) and ``flops/sparse_over_dense``.
 - the method's own keys, under ``sparsity/`` or ``threshold/``: a scheduled target
   (``sparsity/target``) and threshold (``sparsity/threshold``), or learned per-layer thresholds
@@ -75,13 +76,18 @@ class SparsityReport:
     def __init__(self, every_n_steps: int | None = None) -> None:
         self.every_n_steps = None if every_n_steps is None else check_positive_int("log_every_n_steps", every_n_steps)
         self._dense: dict[str, int] | None = None
+        self._coverage = 0.0
         self._history: list[tuple[int, float, float | None]] = []  # step, global sparsity, target
         self._failed: set[str] = set()  # what rank zero could not do, warned about once
         self._fully_pruned: set[str] = set()  # layers found fully pruned this fit, warned about once
 
-    def on_train_start(self, trainer: pl.Trainer) -> None:
-        """Plot our keys against the trainer's step in W&B, also in a run Lightning did not create."""
+    def on_train_start(self, trainer: pl.Trainer, coverage: float) -> None:
+        """Plot our keys against the trainer's step in W&B, also in a run Lightning did not create.
+
+        `coverage` is the fraction of the model's weight entries that are sparsified, logged with the sparsity.
+        """
         # Measured afresh for each fit: it may run another model or other input shapes.
+        self._coverage = coverage
         self._dense = None
         self._history = []
         self._failed = set()
@@ -142,7 +148,7 @@ class SparsityReport:
             # So the last logged values are the final model's, whatever the logging interval.
             self._log(trainer, stats, layers, method_metrics)
         sparsified = set(layers)
-        self._rank_zero("print the per-layer budget table", lambda: _print_table(stats, sparsified))
+        self._rank_zero("print the per-layer budget table", lambda: _print_table(stats, sparsified, self._coverage))
         if log_dir is not None:
             path = os.path.join(log_dir, PLOT_FILE)
             self._rank_zero(f"save the budget plot {path}", lambda: _save_plot(stats, sparsified, self._history, path))
@@ -162,7 +168,8 @@ class SparsityReport:
         method_metrics: Callable[[], Mapping[str, float]],
     ) -> None:
         metrics = self._rank_zero(
-            "compute the sparsity metrics", lambda: {**_metrics(stats, layers), **method_metrics()}
+            "compute the sparsity metrics",
+            lambda: {**_metrics(stats, layers), "sparsity/coverage": self._coverage, **method_metrics()},
         )
         if metrics is None:
             return
@@ -290,10 +297,10 @@ def _log_wandb_budget(logger: WandbLogger, stats: Sequence[LayerStats], step: in
     logger.log_metrics({"sparsity/budget": table, "sparsity/budget_chart": chart}, step=step)  # type: ignore[dict-item]
 
 
-def _print_table(stats: Sequence[LayerStats], sparsified: set[str]) -> None:
+def _print_table(stats: Sequence[LayerStats], sparsified: set[str], coverage: float) -> None:
     table = Table(title="lightning-sparse: per-layer budget (FLOPs = multiply-accumulates per sample)")
-    if any(s.name not in sparsified for s in stats):
-        table.caption = "* not sparsified"
+    caption = f"Sparsified weights: {coverage:.1%} of the model's weight entries (parameters of 2 or more dimensions)"
+    table.caption = caption + (". * not sparsified" if any(s.name not in sparsified for s in stats) else "")
     table.add_column("Layer")
     table.add_column("Shape")
     for column in ("Params", "Non-zeros", "Sparsity", "Dense FLOPs", "Sparse FLOPs"):

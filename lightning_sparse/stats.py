@@ -25,11 +25,17 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_sparse.layers import SPARSIFIABLE_TYPES, sparsity_parametrizations
-from lightning_sparse.methods.base import SparseLayers, SparseParametrization, original_weight, weight_parametrizations
+from lightning_sparse.layers import (
+    SPARSIFIABLE_TYPES,
+    matmul_weights,
+    sparsity_parametrizations,
+    stored_tensor,
+    tensor_holders,
+)
+from lightning_sparse.methods.base import SparseLayers, SparseParametrization, parametrizations_of, weight_name
 from lightning_sparse.thresholds import count_non_finite
 
-__all__ = ["LayerStats", "dense_flops", "layer_stats", "non_finite_weights", "sparse_stats"]
+__all__ = ["LayerStats", "dense_flops", "layer_stats", "non_finite_weights", "sparse_stats", "sparsified_fraction"]
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,7 @@ def dense_flops(module: nn.Module, example_input: Any) -> dict[str, int]:
     counts = counter.get_flop_counts()
     return {
         name: sum(counts.get(f"{root}.{name}" if name else root, {}).values()) // (2 * batch_size)
-        for name in _layers(module)
+        for name in _weights(module, {})
     }
 
 
@@ -120,9 +126,10 @@ def dense_flops(module: nn.Module, example_input: Any) -> dict[str, int]:
 def sparse_stats(module: nn.Module, dense: Mapping[str, int]) -> list[LayerStats]:
     """`LayerStats` of `module` from already measured dense counts: counts non-zeros, no forward.
 
-    A reparameterized layer's non-zeros come from its keep mask, which is what its effective weight
-    has, without computing that weight; its NaN and inf entries count as non-zeros too. A weight
-    shared by several layers counts once per layer.
+    One row per sparsified weight, per conv/linear/attention weight, and per other weight `dense` counts
+    multiply-accumulates for, in module order. A weight tied between modules is one row. A
+    reparameterized weight's non-zeros come from its keep mask, which is what its effective weight
+    has, without computing that weight; its NaN and inf entries count as non-zeros too.
 
     Example:
         >>> layer = nn.Linear(4, 3)
@@ -133,15 +140,15 @@ def sparse_stats(module: nn.Module, dense: Mapping[str, int]) -> list[LayerStats
         >>> stats.sparse_flops, stats.nonfinite
         (8, 1)
     """
-    layers = _layers(module)
+    layers = _weights(module, dense)
     weights, counts, sums = {}, [], []
-    for name, (layer, parametrization) in layers.items():
+    for name, ((layer, tensor_name), parametrization) in layers.items():
         if parametrization is None:
-            weights[name] = _dense_weight(layer)
+            weights[name] = _dense_weight(layer, tensor_name)
             counts.append(torch.count_nonzero(weights[name]))  # a NaN is not a zero
         else:
-            # `layer.weight` would recompute the effective weight; the mask is cheap.
-            weights[name] = original_weight(layer).detach()
+            # Reading the parametrized tensor would compute the effective weight; the mask is cheap.
+            weights[name] = parametrizations_of(layer, tensor_name).original.detach()
             counts.append(parametrization.keep_mask(weights[name]).sum())
         # Non-finite if any entry is: a reduction, no copy of the weight.
         sums.append(weights[name].sum(dtype=torch.float32))
@@ -162,52 +169,72 @@ def sparse_stats(module: nn.Module, dense: Mapping[str, int]) -> list[LayerStats
     ]
 
 
-def _layers(module: nn.Module) -> dict[str, tuple[nn.Module, SparseParametrization | None]]:
-    """Conv/linear layers with a weight tensor and any other sparsified layer, with their reparameterization if any."""
+def _weights(
+    module: nn.Module, dense: Mapping[str, int]
+) -> dict[str, tuple[tuple[nn.Module, str], SparseParametrization | None]]:
+    """The weights `sparse_stats` reports, by name, each with one holder and its reparameterization if any."""
     sparsified = sparsity_parametrizations(module)
-    return {
-        name: sparsified.get(name, (layer, None))
-        for name, layer in module.named_modules()
-        if name in sparsified or (isinstance(layer, SPARSIFIABLE_TYPES) and _has_weight(layer))
-    }
+    found: dict[str, tuple[tuple[nn.Module, str], SparseParametrization | None]] = {}
+    for holders in tensor_holders(module).values():
+        module_name, layer, tensor_name = holders[0]
+        name = weight_name(module_name, tensor_name)
+        if name in sparsified:
+            found[name] = ((layer, tensor_name), sparsified[name].parametrization)
+        elif dense.get(name) or any(
+            isinstance(m, SPARSIFIABLE_TYPES) and t in matmul_weights(m) and not is_lazy(stored_tensor(m, t))
+            for _, m, t in holders
+        ):
+            found[name] = ((layer, tensor_name), None)
+    return found
 
 
-def _has_weight(layer: nn.Module) -> bool:
-    """Whether `layer.weight` is a tensor with a shape (not None, not an uninitialized lazy parameter)."""
-    if parametrize.is_parametrized(layer, "weight"):
-        return True  # without computing it
-    weight = getattr(layer, "weight", None)
-    return isinstance(weight, Tensor) and not is_lazy(weight)
+def _dense_weight(layer: nn.Module, tensor_name: str) -> Tensor:
+    """`layer.<tensor_name>`, computed in eval mode if a parametrization makes it: in training mode one may update
+    its state (spectral norm's power iteration), and counting must change nothing."""
+    if not parametrize.is_parametrized(layer, tensor_name):
+        return cast(Tensor, getattr(layer, tensor_name)).detach()
+    with _eval_mode(parametrizations_of(layer, tensor_name)):
+        return cast(Tensor, getattr(layer, tensor_name)).detach()
 
 
-def _dense_weight(layer: nn.Module) -> Tensor:
-    """`layer.weight`, computed in eval mode if a parametrization makes it: in training mode one may update its
-    state (spectral norm's power iteration), and counting must change nothing."""
-    if not parametrize.is_parametrized(layer, "weight"):
-        return cast(Tensor, layer.weight).detach()
-    with _eval_mode(weight_parametrizations(layer)):
-        return cast(Tensor, layer.weight).detach()
+def sparsified_fraction(module: nn.Module) -> float:
+    """The fraction of `module`'s weight entries that carry a lightning-sparse reparameterization.
+
+    Weights are the parameters with two or more dimensions (not biases or norm scales), a tied one
+    counted once; position embeddings and class tokens count too, so a transformer stays below 1.
+
+    Example:
+        >>> from lightning_sparse.layers import parametrize_weights, select_weights
+        >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
+        >>> net = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4))
+        >>> _ = parametrize_weights(select_weights(net), lambda w, axis: LearnedSoftThreshold(s_init=-5.0))
+        >>> sparsified_fraction(net)
+        0.2857142857142857
+    """
+    sparsified = {id(w.raw) for w in sparsity_parametrizations(module).values()}
+    tensors = {key: stored_tensor(layer, name) for key, ((_, layer, name), *_) in tensor_holders(module).items()}
+    sizes = {key: t.numel() for key, t in tensors.items() if not is_lazy(t) and t.dim() >= 2}
+    total = sum(sizes.values())
+    return sum(n for key, n in sizes.items() if key in sparsified) / total if total else 0.0
 
 
 @torch.no_grad()
 def non_finite_weights(layers: SparseLayers) -> dict[str, tuple[int, int]]:
-    """The sparsified layers whose raw weights hold NaN or inf, with the count of such entries and the size.
+    """The sparsified weights whose raw values hold NaN or inf, with the count of such entries and the size.
 
-    One reduction per weight and one host sync for all; tied layers are checked once, under their first name.
+    One reduction per weight and one host sync for all.
 
     Example:
+        >>> from lightning_sparse.methods.base import SparseWeight
         >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
-        >>> layer = nn.Linear(2, 2)
-        >>> _ = parametrize.register_parametrization(layer, "weight", LearnedSoftThreshold(s_init=-5.0))
+        >>> layer, str_ = nn.Linear(2, 2), LearnedSoftThreshold(s_init=-5.0)
+        >>> _ = parametrize.register_parametrization(layer, "weight", str_)
         >>> with torch.no_grad():
-        ...     original_weight(layer)[0, 0] = float("nan")
-        >>> non_finite_weights({"fc": (layer, weight_parametrizations(layer)[0])})
+        ...     layer.parametrizations.weight.original[0, 0] = float("nan")
+        >>> non_finite_weights({"fc": SparseWeight(str_, ((layer, "weight"),))})
         {'fc': (1, 4)}
     """
-    first: dict[int, tuple[str, nn.Module]] = {}
-    for name, (module, parametrization) in layers.items():
-        first.setdefault(id(parametrization), (name, module))
-    weights = {name: original_weight(module).detach() for name, module in first.values()}
+    weights = {name: weight.raw.detach() for name, weight in layers.items()}
     if not weights:
         return {}
     finite = torch.stack([torch.isfinite(w.sum(dtype=torch.float32)) for w in weights.values()]).tolist()

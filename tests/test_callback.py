@@ -145,9 +145,9 @@ BAD_ARGUMENTS = [
     ("str", {"threshold_decay": -1.0}, ValueError, r"`threshold_decay` must be a finite number in \[0, inf\], got -1.0",
      BOTH),
     ("str", {"include": [3]}, TypeError,
-     r"`include` takes module-name patterns \(str\) or nn.Module subclasses, one or a list of them, got 3", BOTH),
-    ("str", {"include": {"conv"}}, TypeError, r"`include` takes module-name patterns \(str\) or nn.Module", BOTH),
-    ("str", {"exclude": [nn.functional.relu]}, TypeError, r"`exclude` takes module-name patterns .* got <function relu",
+     r"`include` takes module types \(nn.Module subclasses\) or name patterns .* got 3", BOTH),
+    ("str", {"include": {"conv"}}, TypeError, r"`include` takes module types \(nn.Module subclasses\) or name", BOTH),
+    ("str", {"exclude": [nn.functional.relu]}, TypeError, r"`exclude` takes module types .* got <function relu",
      BOTH),
 ]  # fmt: skip
 
@@ -234,8 +234,8 @@ def test_a_single_filter_or_none_is_taken_as_a_list(
 @pytest.mark.parametrize(
     ("model_class", "args", "match"),
     [
-        (NoLayers, {}, r"NoLayers has no layer to sparsify: no Conv1d/2d/3d or Linear .*pass `include=\[...\]`"),
-        (TinyNet, {"include": []}, r"TinyNet has no layer to sparsify"),
+        (NoLayers, {}, r"NoLayers has no weight to sparsify: no Conv1d/2d/3d, Linear or MultiheadAttention .*include"),
+        (TinyNet, {"include": []}, r"TinyNet has no weight to sparsify"),
         (TinyNet, {"exclude": ["classifier"]}, r"`exclude` entry 'classifier' matches no module.*are: conv, fc"),
         (TinyNet, {"include": ["encoder.*"]}, r"`include` entry 'encoder.\*' matches no module"),
         (TinyNet, {"include": [nn.Conv2d]}, r"`include` entry <class 'torch.nn.modules.conv.Conv2d'> matches no"),

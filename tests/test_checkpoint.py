@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_sparse import ST3, SparsityCallback, harden, harden_state_dict, load_hardened
 from lightning_sparse.checkpoint import changed_settings, check_resume, describe_changes, read_checkpoint
-from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_parametrizations
+from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from models import N_WEIGHTS, Crash, TinyNet, make_trainer, model_tensors, zeros
@@ -239,12 +239,12 @@ def _sparse_net(method: str, dtype: torch.dtype = torch.float32) -> nn.Sequentia
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(24, 3))
     if method == "str":
-        parametrize_layers(select_layers(net), lambda w: LearnedSoftThreshold(s_init=-2.0))
+        parametrize_weights(select_weights(net), lambda w, axis: LearnedSoftThreshold(s_init=-2.0))
         net.to(dtype)
     else:
-        parametrize_layers(select_layers(net), lambda w: StraightThroughSoftThreshold(w))
+        parametrize_weights(select_weights(net), lambda w, axis: StraightThroughSoftThreshold(w))
         net.to(dtype)
-        layers = [p for _, p in sparsity_parametrizations(net).values()]
+        layers = [w.parametrization for w in sparsity_parametrizations(net).values()]
         update_thresholds(layers, [m.parametrizations.weight.original for m in (net[0], net[2])], 0.6)
         if method == "st3-frozen":
             layers[0].freeze(net[0].parametrizations.weight.original)
@@ -267,7 +267,7 @@ def test_harden_state_dict_keeps_tied_weights_tied() -> None:
     a, b = nn.Linear(4, 4), nn.Linear(4, 4)
     b.weight = a.weight
     net = nn.Sequential(a, b)
-    parametrize_layers(select_layers(net), lambda w: LearnedSoftThreshold(s_init=-1.0))
+    parametrize_weights(select_weights(net), lambda w, axis: LearnedSoftThreshold(s_init=-1.0))
     hardened = harden_state_dict(net.state_dict())
     assert torch.equal(hardened["0.weight"], hardened["1.weight"])
     assert (hardened["0.weight"] == 0).any()
@@ -275,7 +275,7 @@ def test_harden_state_dict_keeps_tied_weights_tied() -> None:
 
 def test_harden_state_dict_passes_other_parametrizations_through() -> None:
     net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
-    parametrize_layers(select_layers(net, include=["0"]), lambda w: LearnedSoftThreshold(s_init=-1.0))
+    parametrize_weights(select_weights(net, include=["0"]), lambda w, axis: LearnedSoftThreshold(s_init=-1.0))
     nn.utils.parametrizations.orthogonal(net[1])
     hardened = harden_state_dict(net.state_dict())
     assert list(hardened) == ["0.weight", "0.bias", "1.bias", *[k for k in net.state_dict() if k.startswith("1.param")]]

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_sparse import ST3, STR, SparsityCallback, harden, harden_state_dict
-from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_parametrizations
+from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
 from lightning_sparse.methods.base import SparsityMethod
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
@@ -20,8 +20,8 @@ from models import BatchNormNet, make_trainer
 
 def _st3(frozen: bool) -> Callable[[nn.Module], None]:
     def sparsify(net: nn.Module) -> None:
-        parametrize_layers(select_layers(net), lambda w: StraightThroughSoftThreshold(w))
-        pairs = [(p, m.parametrizations.weight.original) for m, p in sparsity_parametrizations(net).values()]
+        parametrize_weights(select_weights(net), lambda w, axis: StraightThroughSoftThreshold(w))
+        pairs = [(w.parametrization, w.raw) for w in sparsity_parametrizations(net).values()]
         update_thresholds([p for p, _ in pairs], [w for _, w in pairs], sparsity=0.6)
         if frozen:
             pairs[0][0].freeze(pairs[0][1])
@@ -30,7 +30,7 @@ def _st3(frozen: bool) -> Callable[[nn.Module], None]:
 
 
 def _str(net: nn.Module) -> None:
-    parametrize_layers(select_layers(net), lambda w: LearnedSoftThreshold(s_init=-1.5))
+    parametrize_weights(select_weights(net), lambda w, axis: LearnedSoftThreshold(s_init=-1.5))
 
 
 SPARSIFY = {"str": _str, "st3": _st3(frozen=False), "st3-frozen": _st3(frozen=True)}
@@ -69,7 +69,7 @@ def test_harden_leaves_a_plain_model_and_other_parametrizations_alone() -> None:
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
 
     nn.utils.parametrizations.orthogonal(net[1])
-    parametrize_layers(select_layers(net, include=["0"]), lambda w: LearnedSoftThreshold(s_init=-1.5))
+    parametrize_weights(select_weights(net, include=["0"]), lambda w, axis: LearnedSoftThreshold(s_init=-1.5))
     harden(net)
     assert not sparsity_parametrizations(net)
     assert nn.utils.parametrize.is_parametrized(net[1], "weight")  # not ours: kept
@@ -117,9 +117,9 @@ def test_harden_refuses_ours_on_top_of_another_parametrization_before_changing_a
     net = _net()
     parametrize.register_parametrization(net[3], "weight", Double())
     parametrize.register_parametrization(net[3], "weight", LearnedSoftThreshold(s_init=-1.5))
-    parametrize_layers(select_layers(net, include=["0"]), lambda w: LearnedSoftThreshold(s_init=-1.5))
+    parametrize_weights(select_weights(net, include=["0"]), lambda w, axis: LearnedSoftThreshold(s_init=-1.5))
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    with pytest.raises(ValueError, match=r"layer '3' has a parametrization under lightning-sparse's .*\(Double\)"):
+    with pytest.raises(ValueError, match=r"weight '3' has a parametrization under lightning-sparse's .*\(Double\)"):
         harden(net)
     assert net.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
@@ -140,7 +140,7 @@ def test_harden_keeps_tied_weights_tied() -> None:
     b.weight = a.weight
     shared = a.weight
     net = nn.Sequential(a, nn.ReLU(), b)
-    parametrize_layers(select_layers(net), lambda w: LearnedSoftThreshold(s_init=-1.0))
+    parametrize_weights(select_weights(net), lambda w, axis: LearnedSoftThreshold(s_init=-1.0))
     effective = a.weight.detach().clone()
     x = torch.randn(2, 4)
     expected = net(x)
@@ -171,7 +171,7 @@ def test_harden_after_a_fit_leaves_outputs_unchanged_and_exact_zeros(tmp_path: P
     model.eval()
     with torch.no_grad():
         before = model(x)
-        effective = {name: module.weight.clone() for name, (module, _) in sparsity_parametrizations(model).items()}
+        effective = {name: getattr(*w.holders[0]).clone() for name, w in sparsity_parametrizations(model).items()}
         harden(model)
         after = model(x)
     assert (after - before).abs().max().item() <= 1e-4

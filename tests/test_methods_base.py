@@ -14,9 +14,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_sparse import ST3, LinearSchedule, SparsityCallback
-from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_parametrizations
+from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
 from lightning_sparse.methods import SparseParametrization, SparsityMethod
-from lightning_sparse.methods.base import distinct_weights, original_weight
+from lightning_sparse.methods.base import distinct_weights, parametrizations_of
 from models import TinyNet, make_trainer, zeros
 
 
@@ -47,7 +47,7 @@ class HalfPruning(SparsityMethod):
     def name(self) -> str:
         return "half"
 
-    def parametrization(self, weight: Tensor) -> KeepLargest:
+    def parametrization(self, weight: Tensor, output_axis: int) -> KeepLargest:
         return KeepLargest()
 
 
@@ -57,7 +57,7 @@ def test_a_method_from_outside_the_library_trains_with_the_callback(tmp_path: Pa
     make_trainer(tmp_path, callbacks=[callback]).fit(model)
 
     layers = sparsity_parametrizations(model)
-    assert list(layers) == ["conv", "fc"] and all(isinstance(p, KeepLargest) for _, p in layers.values())
+    assert list(layers) == ["conv", "fc"] and all(isinstance(w.parametrization, KeepLargest) for w in layers.values())
     assert callback.state_dict() == {
         "method": "half", "label": "half", "layers": ["conv", "fc"], "total_steps": 16, "schedule_step": 16
     }  # fmt: skip
@@ -65,7 +65,7 @@ def test_a_method_from_outside_the_library_trains_with_the_callback(tmp_path: Pa
     method = callback.method
     assert method.for_run(16) is method and method.for_run(math.inf) is method
     assert method.on_fit_start([], []) == [] and method.metrics(1, layers) == {} and method.target(1) is None
-    assert method.owns(layers["fc"][1]) and not method.owns(nn.Identity())
+    assert method.owns(layers["fc"].parametrization) and not method.owns(nn.Identity())
     assert zeros(model.conv.weight) == 6 and zeros(model.fc.weight) == 32  # at or under the median: half
 
 
@@ -87,13 +87,13 @@ def test_settings_hold_only_what_a_weights_only_checkpoint_can() -> None:
 def test_distinct_weights_lists_a_tied_weight_once_and_reads_it_afresh() -> None:
     net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2))
     net[1].weight = net[0].weight
-    parametrize_layers(select_layers(net), lambda weight: KeepLargest())
+    parametrize_weights(select_weights(net), lambda weight, axis: KeepLargest())
     layers = sparsity_parametrizations(net)
 
     pairs = distinct_weights(layers)
 
-    assert [p for p, _ in pairs] == [layers["0"][1], layers["2"][1]]
-    assert pairs[0][1] is original_weight(net[0]) is original_weight(net[1]) is net[0].parametrizations.weight.original
+    assert [p for p, _ in pairs] == [layers["0"].parametrization, layers["2"].parametrization]
+    assert pairs[0][1] is parametrizations_of(net[1], "weight").original is net[0].parametrizations.weight.original
     net[2].parametrizations.weight.original = nn.Parameter(torch.zeros(2, 3))  # e.g. FSDP swapping parameters
     assert distinct_weights(layers)[1][1] is net[2].parametrizations.weight.original
 

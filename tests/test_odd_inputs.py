@@ -75,7 +75,7 @@ def test_one_inf_weight_stops_st3_at_the_mask_update_before_it_spreads_through_t
         _fit(tmp_path, model, callback, logger=False)
     assert "'conv'" not in str(raised.value)
     # Stopped before the mask update: step 1's masks and rescale, all finite.
-    _, st3 = sparsity_parametrizations(model)["fc"]
+    st3 = sparsity_parametrizations(model)["fc"].parametrization
     assert torch.isfinite(st3.scale).all()
 
 
@@ -125,11 +125,11 @@ class OddNet(TinyNet):
 @pytest.mark.parametrize(
     ("make_odd", "include", "match"),
     [
-        (lambda: nn.BatchNorm1d(4), [nn.BatchNorm1d], r"'odd': its weight is 1-D \(shape \(4,\)\)"),
-        (lambda: nn.BatchNorm1d(4), ["*"], r"'odd': its weight is 1-D"),  # a pattern matching it and the others
-        (lambda: nn.utils.spectral_norm(nn.Conv1d(4, 4, 1)), None, r"'odd': its weight is recomputed .*spectral_norm"),
-        (lambda: nn.utils.spectral_norm(nn.Conv1d(4, 4, 1)), ["odd"], r"'odd': its weight is recomputed"),
-        (lambda: nn.utils.weight_norm(nn.Conv1d(4, 4, 1)), None, r"'odd': its weight is recomputed .*weight_norm"),
+        (lambda: nn.BatchNorm1d(4), [nn.BatchNorm1d], r"'odd': it is 1-D \(shape \(4,\)\)"),
+        (lambda: nn.BatchNorm1d(4), ["*"], r"'odd': it is 1-D"),  # a pattern matching it and the others
+        (lambda: nn.utils.spectral_norm(nn.Conv1d(4, 4, 1)), None, r"'odd': it is recomputed .*spectral_norm"),
+        (lambda: nn.utils.spectral_norm(nn.Conv1d(4, 4, 1)), ["odd"], r"'odd': it is recomputed"),
+        (lambda: nn.utils.weight_norm(nn.Conv1d(4, 4, 1)), None, r"'odd': it is recomputed .*weight_norm"),
         (lambda: nn.LazyConv1d(4, 1), None, r"'odd': .*lazy(?s:.*)run one forward pass"),
     ],
     ids=["batchnorm-by-type", "batchnorm-by-pattern", "spectral-norm-hook", "spectral-norm-by-name", "weight-norm-hook",
@@ -169,7 +169,7 @@ def test_a_lazy_layer_materialized_in_configure_model_is_sparsified(tmp_path: Pa
 def test_new_api_spectral_norm_is_refused_without_running_its_power_iteration(tmp_path: Path) -> None:
     model = OddNet(lambda: nn.utils.parametrizations.spectral_norm(nn.Conv1d(4, 4, 1)))
     before = model_tensors(model)  # holds the spectral norm's `_u` and `_v` vectors
-    with pytest.raises(ValueError, match=r"layer 'odd' already has a parametrization on its weight"):
+    with pytest.raises(ValueError, match=r"weight 'odd' already has a parametrization"):
         _fit(tmp_path, model, SparsityCallback("st3", 0.5), logger=False)
     assert_untouched(model, before)
 
@@ -239,7 +239,9 @@ class Before(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fc = pl_module.fc
         self.effective = fc.weight.detach().clone()
-        self.baked = sparsity_parametrizations(pl_module)["fc"][1](fc.parametrizations.weight.original).detach()
+        self.baked = (
+            sparsity_parametrizations(pl_module)["fc"].parametrization(fc.parametrizations.weight.original).detach()
+        )
 
 
 def test_harden_keeps_a_users_parametrization_stacked_on_ours(tmp_path: Path) -> None:

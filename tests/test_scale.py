@@ -69,9 +69,10 @@ class DtypeSpy(pl.Callback):
             layer.register_forward_hook(lambda module, inputs, output: self._add("output", output.dtype))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        for module, parametrization in sparsity_parametrizations(pl_module).values():
-            self._add("raw", module.parametrizations.weight.original.dtype)
-            self._add("effective", module.weight.dtype)
+        for weight in sparsity_parametrizations(pl_module).values():
+            self._add("raw", weight.raw.dtype)
+            self._add("effective", getattr(*weight.holders[0]).dtype)
+            parametrization = weight.parametrization
             for name, tensor in [*parametrization.named_parameters(), *parametrization.named_buffers()]:
                 if tensor.is_floating_point():
                     self._add(name, tensor.dtype)

@@ -120,7 +120,7 @@ class Recorder(Callback):
 
 
 def _thresholds(model: nn.Module) -> list[float]:
-    return [p.s.item() for _, p in sparsity_parametrizations(model).values()]
+    return [w.parametrization.s.item() for w in sparsity_parametrizations(model).values()]
 
 
 def _fit(root: Path, model: pl.LightningModule, *callbacks: Callback, **trainer_args: Any) -> Recorder:
@@ -209,8 +209,6 @@ def test_threshold_decay_trains_as_a_param_group_of_that_weight_decay(
 
 
 # ------------------------------------------------------------------------------------- resume, refusals
-
-
 
 
 def test_a_resume_under_a_sequential_schedule_ends_where_the_uninterrupted_run_ends(tmp_path: Path) -> None:

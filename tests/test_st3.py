@@ -12,7 +12,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_sparse import ST3
-from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_parametrizations
+from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
+from lightning_sparse.methods.base import distinct_weights
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, sigma_scale, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule
@@ -129,9 +130,9 @@ def test_st3_min_density_in_the_method_follows_the_schedule_and_logs_the_global_
     with torch.no_grad():
         for layer, weight in zip((net[0], net[1], net[3]), _classifier_at_small_std(), strict=True):
             layer.weight.copy_(weight)
-    parametrize_layers(select_layers(net), method.parametrization)
+    parametrize_weights(select_weights(net), method.parametrization)
     layers = sparsity_parametrizations(net)
-    assert method.on_fit_start([(p, layer.parametrizations.weight.original) for layer, p in layers.values()], []) == []
+    assert method.on_fit_start(distinct_weights(layers), []) == []
     for step in (1, 2, 3):
         method.after_optimizer_step(step, layers)
         kept = [int((layer.weight != 0).sum()) for layer in (net[0], net[1], net[3])]
@@ -139,7 +140,7 @@ def test_st3_min_density_in_the_method_follows_the_schedule_and_logs_the_global_
         assert sum(kept) == n - round(CubicSchedule(0.9, 0, 2).sparsity_at(step) * n)
         assert kept[2] >= 103
     metrics = method.metrics(3, layers)
-    thresholds = [p.threshold.item() for _, p in layers.values()]
+    thresholds = [w.parametrization.threshold.item() for w in layers.values()]
     assert metrics["sparsity/threshold"] == max(thresholds) == thresholds[0] > thresholds[2]
 
 
@@ -147,7 +148,7 @@ def test_st3_refuses_at_fit_start_a_min_density_its_layers_cannot_keep_rounded_u
     # 0.1 <= 1 - 0.9, but ceil(0.1 x 12) + ceil(0.1 x 72) = 2 + 8 weights is more than the 8 of 84 that 90 % leaves.
     method = ST3(0.9, min_density=0.1).for_run(total_steps=100)
     _, layers = _sparse_layers(method)
-    weights = [(p, layer.parametrizations.weight.original) for layer, p in layers.values()]
+    weights = distinct_weights(layers)
     with pytest.raises(
         ValueError,
         match=r"^`min_density=0.1` keeps at least 10 of the 84 sparsified weights \(ceil\(0.1 x its size\) in each "
@@ -198,7 +199,7 @@ def test_st3_after_optimizer_step_names_layers_and_step_of_non_finite_weights() 
 
 
 def test_st3_rescale_of_a_1d_weight_is_per_entry_and_keeps_its_shape() -> None:
-    # `select_layers` refuses 1-D weights; the parametrization itself still keeps its buffers' shapes, so its
+    # `select_weights` refuses 1-D weights; the parametrization itself still keeps its buffers' shapes, so its
     # state dict loads back.
     weight = torch.tensor([0.5, -0.1, 0.3, 0.05])
     st3 = StraightThroughSoftThreshold(weight)
@@ -333,7 +334,7 @@ def test_for_run_refuses_an_order_that_only_the_run_length_breaks(method: ST3, t
 
 def _sparse_layers(method: ST3) -> tuple[nn.Module, dict]:
     net = nn.Sequential(nn.Conv1d(1, 4, 3), nn.Flatten(), nn.Linear(24, 3))
-    parametrize_layers(select_layers(net), method.parametrization)
+    parametrize_weights(select_weights(net), method.parametrization)
     return net, sparsity_parametrizations(net)
 
 
@@ -341,7 +342,7 @@ def _sparse_layers(method: ST3) -> tuple[nn.Module, dict]:
 def test_after_optimizer_step_follows_the_schedule_and_freezes(sigma: bool) -> None:
     method = ST3(0.5, start=0, end=2, freeze_at=3, sigma=sigma).for_run(total_steps=10)
     net, layers = _sparse_layers(method)
-    parametrizations = [p for _, p in layers.values()]
+    parametrizations = [w.parametrization for w in layers.values()]
     n = 12 + 72
     for step in (1, 2, 3):
         method.after_optimizer_step(step, layers)
@@ -352,7 +353,7 @@ def test_after_optimizer_step_follows_the_schedule_and_freezes(sigma: bool) -> N
         assert all(p.frozen is (step >= 3) for p in parametrizations)
         metrics = method.metrics(step, layers)
         assert metrics["sparsity/target"] == CubicSchedule(0.5, 0, 2).sparsity_at(step)
-        conv = layers["0"][1]
+        conv = layers["0"].parametrization
         scale = sigma_scale(net[0].parametrizations.weight.original) if sigma else 1.0
         assert metrics["sparsity/threshold"] == pytest.approx(conv.threshold.item() * scale)
     masks = [p.mask.clone() for p in parametrizations]
@@ -376,7 +377,7 @@ def test_owns_only_its_own_parametrization_with_its_rescale() -> None:
     assert not ST3(0.5).owns(StraightThroughSoftThreshold(weight, rescale=False))
     assert not ST3(0.5, rescale=False).owns(StraightThroughSoftThreshold(weight))
     assert not ST3(0.5).owns(LearnedSoftThreshold(s_init=-5.0))
-    assert ST3(0.5, rescale=False).parametrization(weight).rescale is False
+    assert ST3(0.5, rescale=False).parametrization(weight, 0).rescale is False
 
 
 def test_fractions_keep_their_order_on_a_one_step_run() -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_sparse import layer_stats
-from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_parametrizations
+from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from lightning_sparse.stats import dense_flops, non_finite_weights, sparse_stats
@@ -57,11 +57,11 @@ def test_resnet50_dense_macs_match_the_papers(resnet50: nn.Module, image: torch.
 
 def test_str_published_resnet50_budget_gives_the_papers_flops(resnet50: nn.Module, image: torch.Tensor) -> None:
     model = copy.deepcopy(resnet50)
-    layers = select_layers(model)
+    layers = select_weights(model)
     assert len(layers) == len(STR_90_23_SPARSITY)
-    parametrize_layers(layers, lambda weight: LearnedSoftThreshold(s_init=0.0))
+    parametrize_weights(layers, lambda weight, axis: LearnedSoftThreshold(s_init=0.0))
     with torch.no_grad():
-        for module, sparsity in zip(layers.values(), STR_90_23_SPARSITY, strict=True):
+        for module, sparsity in zip((w.holders[0][0] for w in layers.values()), STR_90_23_SPARSITY, strict=True):
             # Put each layer's threshold sigmoid(s) at the magnitude that prunes its published share.
             magnitude = module.parametrizations.weight.original.abs().flatten()
             t = float(magnitude.kthvalue(round(sparsity / 100 * magnitude.numel())).values)
@@ -119,7 +119,7 @@ def test_reparameterized_layers_count_their_effective_nonzeros() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
     example = torch.randn(2, 3, 8, 8)
     dense = dense_flops(model, example)
-    parametrize_layers(select_layers(model), lambda weight: StraightThroughSoftThreshold(weight))
+    parametrize_weights(select_weights(model), lambda weight, axis: StraightThroughSoftThreshold(weight))
     pairs = [(m, m.parametrizations.weight[0]) for m in (model[0], model[3])]
     update_thresholds([p for _, p in pairs], [m.parametrizations.weight.original for m, _ in pairs], sparsity=0.7)
 

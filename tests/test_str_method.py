@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_sparse import STR, SparsityCallback
-from lightning_sparse.layers import parametrize_layers, select_layers, sparsity_parametrizations
+from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from models import BatchNormNet, TinyNet, make_trainer
@@ -65,7 +65,7 @@ def test_defaults_name_and_settings() -> None:
         "target_sparsity": None, "start": None, "end": None, "schedule": "cubic",
     }  # fmt: skip
     assert type(STR(-5).s_init) is float
-    assert method.parametrization(torch.ones(2)).s.item() == -100.0
+    assert method.parametrization(torch.ones(2), 0).s.item() == -100.0
     assert method.for_run(math.inf) is method  # nothing depends on the run length
 
 
@@ -95,8 +95,8 @@ def test_bad_settings_raise_at_construction_naming_the_argument(
 
 def _layers(s_init: float = -3.0) -> dict:
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
-    parametrize_layers(select_layers(net), STR(s_init).parametrization)
-    return sparsity_parametrizations(net)
+    parametrize_weights(select_weights(net), STR(s_init).parametrization)
+    return {name: (w.holders[0][0], w.parametrization) for name, w in sparsity_parametrizations(net).items()}
 
 
 def _distinct(layers: Any) -> list[tuple[Any, torch.Tensor]]:
@@ -228,8 +228,12 @@ def test_a_fit_with_an_s_init_that_prunes_everything_warns_at_its_start(tmp_path
 
 
 def test_metrics_are_each_layers_threshold() -> None:
-    layers = _layers(s_init=math.log(0.1 / 0.9))
-    assert STR().metrics(7, layers) == {"threshold/0": pytest.approx(0.1), "threshold/2": pytest.approx(0.1)}
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    parametrize_weights(select_weights(net), STR(s_init=math.log(0.1 / 0.9)).parametrization)
+    assert STR().metrics(7, sparsity_parametrizations(net)) == {
+        "threshold/0": pytest.approx(0.1),
+        "threshold/2": pytest.approx(0.1),
+    }
     assert STR().metrics(7, {}) == {}
 
 
@@ -243,14 +247,14 @@ def test_str_thresholds_are_in_the_users_optimizer_and_train(tmp_path: Path) -> 
 
     class Spy(Callback):  # watches the optimizer during fit
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            thresholds = [p.s for _, p in sparsity_parametrizations(pl_module).values()]
+            thresholds = [w.parametrization.s for w in sparsity_parametrizations(pl_module).values()]
             optimizer_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
             seen["in_optimizer"] = all(id(s) in optimizer_params for s in thresholds)
             seen["decay"] = [g["weight_decay"] for g in trainer.optimizers[0].param_groups]
             seen["before"] = [s.item() for s in thresholds]
 
         def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            seen["after"] = [p.s.item() for _, p in sparsity_parametrizations(pl_module).values()]
+            seen["after"] = [w.parametrization.s.item() for w in sparsity_parametrizations(pl_module).values()]
 
     trainer = make_trainer(tmp_path, max_epochs=3, callbacks=[callback, Spy()])
     trainer.fit(model, model.train_dataloader())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Self, cast
 
 from torch import Tensor, nn
@@ -19,10 +20,11 @@ from torch.optim import Optimizer
 __all__ = [
     "SparseLayers",
     "SparseParametrization",
+    "SparseWeight",
     "SparsityMethod",
     "distinct_weights",
-    "original_weight",
-    "weight_parametrizations",
+    "parametrizations_of",
+    "weight_name",
 ]
 
 
@@ -40,28 +42,63 @@ class SparseParametrization(nn.Module, ABC):
         or None if `state` is not this class's."""
 
 
-SparseLayers = Mapping[str, tuple[nn.Module, SparseParametrization]]
-"""Sparsified layers by qualified name, each with the parametrization on its `weight`."""
+def weight_name(module_name: str, tensor_name: str) -> str:
+    """How lightning-sparse names a weight in logs, tables and checkpoints: its qualified parameter name,
+    without a trailing `.weight` (a layer's one weight goes by the layer's name).
+
+    Example:
+        >>> weight_name("encoder.fc", "weight"), weight_name("attn", "in_proj_weight"), weight_name("", "weight")
+        ('encoder.fc', 'attn.in_proj_weight', '')
+    """
+    if tensor_name == "weight":
+        return module_name
+    return f"{module_name}.{tensor_name}" if module_name else tensor_name
 
 
-def weight_parametrizations(module: nn.Module) -> ParametrizationList:
-    """The parametrizations registered on `module.weight` (`module.parametrizations.weight`)."""
+def parametrizations_of(module: nn.Module, tensor_name: str) -> ParametrizationList:
+    """The parametrizations registered on `module.<tensor_name>` (`module.parametrizations[tensor_name]`)."""
     # `nn.Module.__getattr__` is typed `Tensor | Module`; `register_parametrization` made these two.
-    return cast(ParametrizationList, cast(nn.ModuleDict, module.parametrizations).weight)
+    return cast(ParametrizationList, cast(nn.ModuleDict, module.parametrizations)[tensor_name])
 
 
-def original_weight(module: nn.Module) -> Tensor:
-    """The raw, trainable weight under a reparameterization."""
-    return weight_parametrizations(module).original
+@dataclass(frozen=True, eq=False)
+class SparseWeight:
+    """One sparsified weight: its parametrization, and every `(module, tensor name)` that holds it.
+
+    A weight tied between modules (a language model's input embedding and output layer) has one
+    entry, and each of its holders computes with the same parametrization.
+
+    Example:
+        >>> from torch.nn.utils import parametrize
+        >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
+        >>> layer = nn.Linear(2, 2)
+        >>> raw = layer.weight
+        >>> str_ = LearnedSoftThreshold(s_init=-5.0)
+        >>> _ = parametrize.register_parametrization(layer, "weight", str_)
+        >>> SparseWeight(str_, ((layer, "weight"),)).raw is raw
+        True
+    """
+
+    parametrization: SparseParametrization
+    holders: tuple[tuple[nn.Module, str], ...]
+
+    @property
+    def raw(self) -> Tensor:
+        """The raw, trainable weight under the reparameterization, read afresh (references go stale under FSDP)."""
+        module, tensor_name = self.holders[0]
+        return parametrizations_of(module, tensor_name).original
+
+
+SparseLayers = Mapping[str, SparseWeight]
+"""Sparsified weights by `weight_name`, one entry per distinct weight."""
 
 
 def distinct_weights(layers: SparseLayers) -> list[tuple[SparseParametrization, Tensor]]:
-    """Each parametrization once (tied layers share one) with its raw weight, read afresh.
+    """Each sparsified weight's parametrization with its raw weight, read afresh.
 
     Re-read at every call: cached references to parameters go stale under FSDP.
     """
-    unique = {id(p): (p, module) for module, p in layers.values()}
-    return [(p, original_weight(module)) for p, module in unique.values()]
+    return [(weight.parametrization, weight.raw) for weight in layers.values()]
 
 
 class SparsityMethod(ABC):
@@ -91,8 +128,8 @@ class SparsityMethod(ABC):
         return self
 
     @abstractmethod
-    def parametrization(self, weight: Tensor) -> SparseParametrization:
-        """A new parametrization for `weight`."""
+    def parametrization(self, weight: Tensor, output_axis: int) -> SparseParametrization:
+        """A new parametrization for `weight`, whose output channels run along `output_axis`."""
 
     def owns(self, parametrization: nn.Module) -> bool:
         """Whether this method would have made `parametrization`, so a second `fit` can keep it."""

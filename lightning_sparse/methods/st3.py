@@ -74,7 +74,8 @@ class StraightThroughSoftThreshold(SparseParametrization):
 
     `t` (the layer's threshold), the keep mask and the per-output-channel rescale `c` are buffers
     set by `update_thresholds` after each optimizer step. Once frozen, the forward is `w * mask`
-    with the true gradient, so only surviving weights train.
+    with the true gradient, so only surviving weights train. `output_axis` is where the output
+    channels run: 0 for torch's layers, 1 for a `ConvTranspose` or a Hugging Face `Conv1D`.
 
     Example:
         >>> from torch.nn.utils import parametrize
@@ -90,13 +91,15 @@ class StraightThroughSoftThreshold(SparseParametrization):
     mask: Tensor
     scale: Tensor
 
-    def __init__(self, weight: Tensor, rescale: bool = True) -> None:
+    def __init__(self, weight: Tensor, rescale: bool = True, output_axis: int = 0) -> None:
         super().__init__()
         self.rescale = rescale
+        self.output_axis = output_axis
         self.frozen = False
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=weight.device))
         self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool))
-        scale_shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
+        scale_shape = [1] * weight.dim()
+        scale_shape[output_axis] = weight.shape[output_axis]
         self.register_buffer("scale", torch.ones(scale_shape, dtype=torch.float32, device=weight.device))
         # (key, effective weight, the tensors the key names) of the last forward; see `forward`.
         self._effective: tuple[Any, Tensor, tuple[Tensor, ...]] | None = None
@@ -131,7 +134,10 @@ class StraightThroughSoftThreshold(SparseParametrization):
         """ST-3's parametrization saved as `state`; None if `state` is not ST-3's. Raises a `KeyError` naming the
         missing entries if `state` holds two or more of ST-3's entries and nothing else, but not all: that is a
         damaged ST-3 state, not another parametrization's (one entry alone, e.g. a `mask`, could be)."""
-        candidate = cls(original)
+        scale = state.get("scale")
+        # The saved rescale is shaped along the output axis: the one dimension it does not broadcast over.
+        axis = next((i for i, n in enumerate(scale.shape) if n != 1), 0) if isinstance(scale, Tensor) else 0
+        candidate = cls(original, output_axis=axis)
         expected, given = set(candidate.state_dict()), set(state)
         if given != expected:
             if given < expected and len(given) >= 2:
@@ -154,10 +160,12 @@ class StraightThroughSoftThreshold(SparseParametrization):
         self.threshold.fill_(threshold / width)
         torch.gt(magnitude * width if width != 1.0 else magnitude, threshold, out=self.mask)
         if self.rescale:
-            total = channel_totals(magnitude) if total is None else total
-            kept = channel_totals(magnitude * self.mask)
-            # The paper code's 1.01 / (r + 0.01): about 1/r, bounded when a channel is fully pruned.
-            kept_fraction = (kept + 1e-6 * magnitude[0].numel()) / (total + 1e-6 * magnitude[0].numel())
+            total = channel_totals(magnitude, self.output_axis) if total is None else total
+            kept = channel_totals(magnitude * self.mask, self.output_axis)
+            # The paper code's 1.01 / (r + 0.01): about 1/r, bounded when a channel is fully pruned; its 1e-6 is
+            # added to each L1 *mean* over the channel, so here to each sum times the channel's size.
+            epsilon = 1e-6 * magnitude.numel() / max(magnitude.shape[self.output_axis], 1)
+            kept_fraction = (kept + epsilon) / (total + epsilon)
             torch.div(1.01, kept_fraction + 0.01, out=self.scale)
 
     @torch.no_grad()
@@ -175,18 +183,20 @@ class StraightThroughSoftThreshold(SparseParametrization):
         self.frozen = state["frozen"]
 
 
-def channel_totals(magnitude: Tensor) -> Tensor:
-    """The L1 mass of each output channel (first dimension), shaped like the channel rescale.
+def channel_totals(magnitude: Tensor, output_axis: int = 0) -> Tensor:
+    """The L1 mass of each output channel (along `output_axis`), shaped like the channel rescale.
 
     A 1-D weight's entries are each their own channel (`sum` over no dimension would sum them all).
 
     Example:
         >>> channel_totals(torch.ones(2, 3, 4)).flatten().tolist(), channel_totals(torch.ones(3)).tolist()
         ([12.0, 12.0], [1.0, 1.0, 1.0])
+        >>> channel_totals(torch.ones(2, 3), output_axis=1).tolist()
+        [[2.0, 2.0, 2.0]]
     """
     if magnitude.dim() <= 1:
         return magnitude.clone()
-    return magnitude.sum(tuple(range(1, magnitude.dim())), keepdim=True)
+    return magnitude.sum(tuple(d for d in range(magnitude.dim()) if d != output_axis), keepdim=True)
 
 
 def sigma_scale(weight: Tensor) -> float:
@@ -234,7 +244,10 @@ def update_thresholds(
     magnitudes = [w.detach().float().abs() for w in weights]
     # The rescale's per-channel L1 mass, or else the layer's: NaN or inf anywhere in a layer makes its sum
     # non-finite, so the check costs no pass over the weights with the rescale on, and one host sync in all.
-    totals = [channel_totals(m) if layer.rescale else m.sum() for layer, m in zip(layers, magnitudes, strict=True)]
+    totals = [
+        channel_totals(m, layer.output_axis) if layer.rescale else m.sum()
+        for layer, m in zip(layers, magnitudes, strict=True)
+    ]
     if totals and not all(torch.stack([torch.isfinite(t).all() for t in totals]).tolist()):
         labels = list(names) if names is not None else [f"#{i}" for i in range(len(weights))]
         # A sum can also overflow to inf; then no entry is non-finite, and nothing is wrong.
@@ -369,8 +382,8 @@ class ST3(SparsityMethod):
         )
 
     @override
-    def parametrization(self, weight: Tensor) -> StraightThroughSoftThreshold:
-        return StraightThroughSoftThreshold(weight, rescale=self.rescale)
+    def parametrization(self, weight: Tensor, output_axis: int) -> StraightThroughSoftThreshold:
+        return StraightThroughSoftThreshold(weight, rescale=self.rescale, output_axis=output_axis)
 
     @override
     def owns(self, parametrization: nn.Module) -> bool:
@@ -387,23 +400,20 @@ class ST3(SparsityMethod):
     @override
     def after_optimizer_step(self, step: int, layers: SparseLayers) -> None:
         """Update every mask and rescale; raises `NonFiniteWeightsError` (naming layers and `step`) on NaN or inf."""
-        pairs = [(p, w) for p, w in distinct_weights(layers) if isinstance(p, StraightThroughSoftThreshold)]
-        if any(p.frozen for p, _ in pairs):
+        mine = {name: w for name, w in layers.items() if isinstance(w.parametrization, StraightThroughSoftThreshold)}
+        parametrizations = [cast(StraightThroughSoftThreshold, w.parametrization) for w in mine.values()]
+        if any(p.frozen for p in parametrizations):
             return
-        parametrizations, weights = [p for p, _ in pairs], [w for _, w in pairs]
-        # Tied layers share one parametrization: each is named by its first layer.
-        names = {id(p): name for name, (_, p) in reversed(list(layers.items()))}
         try:
             update_thresholds(
-                parametrizations, weights, self._schedule().sparsity_at(step), self.sigma,
-                names=[names[id(p)] for p in parametrizations],
-                min_density=self.min_density,
+                parametrizations, [w.raw for w in mine.values()], self._schedule().sparsity_at(step), self.sigma,
+                names=list(mine), min_density=self.min_density,
             )  # fmt: skip
         except NonFiniteWeightsError as error:
             raise NonFiniteWeightsError(error.layers, step) from None
         if isinstance(self.freeze_at, int) and step >= self.freeze_at:
-            for p, weight in pairs:
-                p.freeze(weight)
+            for p, weight in zip(parametrizations, mine.values(), strict=True):
+                p.freeze(weight.raw)
 
     @override
     def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:

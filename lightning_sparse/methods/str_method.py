@@ -47,7 +47,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_sparse.arguments import StepOrFraction, check_real
-from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod, distinct_weights
+from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod
 from lightning_sparse.optim import StepHooks, add_beside, decay_at_each_step, weight_decay_style
 from lightning_sparse.schedules import Schedule, build_schedule, check_order, check_schedule_settings, resolve_ramp
 from lightning_sparse.thresholds import NonFiniteWeightsError, count_non_finite
@@ -279,11 +279,13 @@ class STR(SparsityMethod):
         sparsity = self.target(step)
         if sparsity is None or sparsity <= 0.0:
             return
-        pairs = [(p, w) for p, w in distinct_weights(layers) if isinstance(p, LearnedSoftThreshold)]
-        names = {id(p): name for name, (_, p) in reversed(list(layers.items()))}
+        mine = {name: w for name, w in layers.items() if isinstance(w.parametrization, LearnedSoftThreshold)}
         try:
             calibrate_thresholds(
-                [p for p, _ in pairs], [w for _, w in pairs], sparsity, names=[names[id(p)] for p, _ in pairs]
+                [cast(LearnedSoftThreshold, w.parametrization) for w in mine.values()],
+                [w.raw for w in mine.values()],
+                sparsity,
+                names=list(mine),
             )
         except NonFiniteWeightsError as error:
             raise NonFiniteWeightsError(error.layers, step) from None
@@ -302,7 +304,7 @@ class STR(SparsityMethod):
         return "str"
 
     @override
-    def parametrization(self, weight: Tensor) -> LearnedSoftThreshold:
+    def parametrization(self, weight: Tensor, output_axis: int) -> LearnedSoftThreshold:
         return LearnedSoftThreshold(self.s_init, device=weight.device)
 
     @override
@@ -399,7 +401,7 @@ class STR(SparsityMethod):
     @override
     def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:
         """``threshold/<layer name>``: each layer's threshold `sigmoid(s)`; with a target, ``sparsity/target``."""
-        named = {name: p for name, (_, p) in layers.items() if isinstance(p, LearnedSoftThreshold)}
+        named = {n: w.parametrization for n, w in layers.items() if isinstance(w.parametrization, LearnedSoftThreshold)}
         metrics: dict[str, float] = {}
         target = self.target(step)
         if target is not None:
