@@ -66,8 +66,8 @@ class SparsityCallback(Callback):
     Args:
         method: A method object (`ST3(...)`, `STR(...)`), or the name of one in the registry
             `lightning_sparse.methods.METHODS`, with its settings given as the arguments below.
-        target_sparsity, start, end, schedule, freeze_at, rescale: ST-3's settings (see `ST3`), with
-            a method name only.
+        target_sparsity, start, end, schedule, freeze_at, rescale, min_density: ST-3's settings (see
+            `ST3`), with a method name only.
         s_init, threshold_decay: STR's settings (see `STR`), with a method name only.
         include: Module types, or name patterns of modules or else of parameters, to sparsify (one, or a
             list), replacing the default (every Conv1d/2d/3d and Linear weight and MultiheadAttention
@@ -96,6 +96,7 @@ class SparsityCallback(Callback):
         schedule: str | Schedule | None = None,
         freeze_at: StepOrFraction | None = None,
         rescale: bool | None = None,
+        min_density: float | None = None,
         s_init: float | None = None,
         threshold_decay: float | None = None,
         include: Sequence[LayerFilter] | LayerFilter | None = None,
@@ -111,6 +112,7 @@ class SparsityCallback(Callback):
             "schedule": schedule,
             "freeze_at": freeze_at,
             "rescale": rescale,
+            "min_density": min_density,
             "s_init": s_init,
             "threshold_decay": threshold_decay,
         }
@@ -326,6 +328,9 @@ class SparsityCallback(Callback):
                     "it was written by lightning-sparse 0.1.0, whose checkpoints do not record the schedule's "
                     "step; load it with `lightning_sparse.load_hardened(YourModule, path)` and start a new fit"
                 )
+            if saved is not None:
+                # A setting added since the checkpoint was written is absent from it: that run used its default.
+                saved = {**self.method.default_settings(), **saved}
             changes = check_resume(saved, self._resume_settings(sorted(self._layers)), must_keep)
         except ValueError as error:
             unparametrize(self._added)  # give the model back as it came

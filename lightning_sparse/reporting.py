@@ -7,6 +7,8 @@ Logged keys, grouped so a W&B workspace puts each family in its own section:
 
 - ``sparsity/global``: fraction of zeros over all sparsified weights.
 - ``sparsity/coverage``: fraction of the model's weight entries that are sparsified (`sparsified_fraction`).
+- ``sparsity/fully_pruned_layers``: how many sparsified weights have no non-zero entry left. Each is also
+  named in a warning (rank zero), once per fit, when a log first finds it so.
 - ``layer_sparsity/<weight name>``: each sparsified weight's fraction of zeros.
 - ``flops/dense``, ``flops/sparse`` (multiply-accumulates per sample) and ``flops/sparse_over_dense``.
 - the method's own keys, under ``sparsity/`` or ``threshold/``: a scheduled target
@@ -77,6 +79,7 @@ class SparsityReport:
         self._coverage = 0.0
         self._history: list[tuple[int, float, float | None]] = []  # step, global sparsity, target
         self._failed: set[str] = set()  # what rank zero could not do, warned about once
+        self._fully_pruned: set[str] = set()  # layers found fully pruned this fit, warned about once
 
     def on_train_start(self, trainer: pl.Trainer, coverage: float) -> None:
         """Plot our keys against the trainer's step in W&B, also in a run Lightning did not create.
@@ -88,6 +91,8 @@ class SparsityReport:
         self._dense = None
         self._history = []
         self._failed = set()
+        # Per fit: a resumed run (often a new process, with new logs) names a layer still fully pruned again.
+        self._fully_pruned = set()
         if not trainer.is_global_zero:
             return
         for logger in _wandb_loggers(trainer):
@@ -168,12 +173,29 @@ class SparsityReport:
         )
         if metrics is None:
             return
+        self._warn_fully_pruned(trainer.global_step, stats, layers)
         self._history.append((trainer.global_step, metrics["sparsity/global"], metrics.get("sparsity/target")))
         for logger in trainer.loggers:
             self._rank_zero(
                 f"log sparsity metrics to {type(logger).__name__}",
                 partial(logger.log_metrics, metrics, step=trainer.global_step),
             )
+
+    def _warn_fully_pruned(self, step: int, stats: Sequence[LayerStats], layers: SparseLayers) -> None:
+        """Name the sparsified layers found fully pruned for the first time in this fit, in one warning."""
+        new = [s for s in stats if s.name in layers and s.fully_pruned and s.name not in self._fully_pruned]
+        if not new:
+            return
+        self._fully_pruned.update(s.name for s in new)
+        names = ", ".join(f"{s.name or '(root)'!r} ({s.params:,} weights)" for s in new)
+        rank_zero_warn(
+            f"lightning-sparse: {len(new)} sparsified layer{'s are' if len(new) > 1 else ' is'} fully pruned at step "
+            f"{step}, every weight zero: {names}. Such a layer's output no longer depends on its input (a "
+            "classifier's is constant). One global magnitude threshold empties layers whose weights are small next "
+            "to the others' (e.g. initialised at a small std). If that is not intended: keep a minimum per layer "
+            "(ST-3's `min_density`, e.g. 0.01), leave the layer dense with `exclude=[...]`, or lower the target "
+            "sparsity. `sparsity/fully_pruned_layers` logs how many layers are fully pruned."
+        )
 
     def _rank_zero(self, what: str, action: Callable[[], _T]) -> _T | None:
         """`action()`, part of what rank zero does alone; an error becomes a warning (once per `what`) and None.
@@ -240,6 +262,7 @@ def _metrics(stats: Sequence[LayerStats], layers: SparseLayers) -> dict[str, flo
     params = sum(s.params for s in sparsified)
     # Layers without entries have nothing pruned: sparsity 0, as `LayerStats.sparsity` has it for each.
     metrics = {"sparsity/global": 1.0 - sum(s.nonzeros for s in sparsified) / params if params else 0.0}
+    metrics["sparsity/fully_pruned_layers"] = float(sum(s.fully_pruned for s in sparsified))
     metrics.update({f"layer_sparsity/{s.name}": s.sparsity for s in sparsified})
     dense = sum(s.dense_flops for s in stats)
     if dense:

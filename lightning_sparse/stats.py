@@ -80,6 +80,16 @@ class LayerStats:
         return 1.0 - self.density
 
     @property
+    def fully_pruned(self) -> bool:
+        """Whether every entry of the weight is zero: the layer's output no longer depends on its input.
+
+        Example:
+            >>> LayerStats("fc", (10, 20), params=200, nonzeros=0, dense_flops=200).fully_pruned
+            True
+        """
+        return self.params > 0 and self.nonzeros == 0
+
+    @property
     def sparse_flops(self) -> int:
         """Dense MACs scaled by the layer's density (both papers' convention)."""
         return round(self.dense_flops * self.density)

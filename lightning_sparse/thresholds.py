@@ -1,5 +1,6 @@
-"""Global magnitude threshold: the budget distribution of ST-3 (one quantile over all layers), and the error
-for weights no threshold or sparsity can be taken of (NaN, inf)."""
+"""Global magnitude threshold: the budget distribution of ST-3 (one quantile over all layers), optionally with a
+minimum number of weights kept in every layer, and the error for weights no threshold or sparsity can be taken of
+(NaN, inf)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["NonFiniteWeightsError", "count_non_finite", "global_magnitude_threshold"]
+__all__ = [
+    "NonFiniteWeightsError",
+    "count_non_finite",
+    "floored_magnitude_thresholds",
+    "global_magnitude_threshold",
+    "min_kept_per_layer",
+]
 
 # Above this many elements, a strided sample brackets the quantile and only the elements inside
 # the bracket are selected exactly: a few cheap passes instead of a full selection, which costs
@@ -71,10 +78,95 @@ def global_magnitude_threshold(
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
     scales = list(scales) if scales is not None else [1.0] * len(magnitudes)
+    k = round(sparsity * sum(m.numel() for m in magnitudes))
+    return _kth_smallest_bracketed(magnitudes, scales, k) if k else 0.0
+
+
+def min_kept_per_layer(sizes: Sequence[int], min_density: float) -> list[int]:
+    """How many weights each layer of `sizes` weights keeps at `min_density`: `ceil(min_density * size)`.
+
+    Example:
+        >>> min_kept_per_layer([100, 3, 0], 0.07)  # 0.07 * 100 is 7.000000000000001 in floating point: still 7
+        [7, 1, 0]
+    """
+    # Floating-point products such as 0.07 * 100 land just above an integer, which must not round up.
+    return [min(size, math.ceil(min_density * size - 1e-6)) for size in sizes]
+
+
+def floored_magnitude_thresholds(
+    magnitudes: Sequence[Tensor], sparsity: float, min_kept: Sequence[int], scales: Sequence[float] | None = None
+) -> tuple[float, list[float]]:
+    """The global threshold `tau` and each layer's threshold, so that pruning `magnitude * scale <= threshold` in
+    every layer prunes `round(sparsity * n)` of all `n` elements (up to exact ties) while layer `i` keeps at least
+    `min_kept[i]` of its elements.
+
+    The kept set is the magnitude-optimal one under the floors: each layer's `min_kept` largest elements, and the
+    largest of all the others up to the global budget. Layer `i` then keeps `max(min_kept[i], count_i(tau))`
+    elements, `count_i(tau)` being how many of its elements lie above `tau`: a layer whose count stays at or
+    above its floor is pruned at `tau`, one whose count falls below it gets its own, lower threshold at its floor
+    (its `min_kept`-th largest element), and `tau` is chosen so that the kept counts add up to the budget.
+
+    Solved by a fixed point that only ever grows the set of floored layers: `tau` is the global selection over
+    the layers not yet floored, for the budget the floored ones leave; the layers whose count at that `tau` falls
+    below their floor join the floored set, and the selection is repeated. Flooring layers that keep more than
+    they did leaves fewer kept elements to the others, so `tau` only rises and a floored layer stays below its
+    floor: it ends in at most one more round than there are floored layers, and when no layer falls below its
+    floor the kept counts add up to the budget exactly. Each round is one bracketed selection (as in
+    `global_magnitude_threshold`) and one counting pass; each floored layer, one selection of its own. No sort.
+    With no floors (all zero) it is `global_magnitude_threshold`, at the same cost.
+
+    Thresholds are in the units of `magnitude * scale`; a layer that keeps everything gets 0.0.
+
+    Example:
+        >>> small, large = torch.tensor([0.25, 0.5, 0.75]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+        >>> global_magnitude_threshold([small, large], 0.5)  # prunes 4: all of `small`
+        1.0
+        >>> floored_magnitude_thresholds([small, large], 0.5, min_kept=[1, 1])  # `small` keeps its largest
+        (2.0, [0.5, 2.0])
+    """
+    scales = list(scales) if scales is not None else [1.0] * len(magnitudes)
+    sizes = [m.numel() for m in magnitudes]
+    if len(min_kept) != len(sizes) or any(not 0 <= f <= n for f, n in zip(min_kept, sizes, strict=True)):
+        raise ValueError(f"min_kept must give each layer a count in [0, its size {sizes}], got {list(min_kept)}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
+    total = sum(sizes)
+    kept = total - round(sparsity * total)
+    if sum(min_kept) > kept:
+        raise ValueError(
+            f"the layers' minimums keep {sum(min_kept):,} elements, more than the {kept:,} of {total:,} that "
+            f"sparsity {sparsity} leaves"
+        )
+    floored: dict[int, float] = {}
+    while True:
+        rest = [i for i in range(len(sizes)) if i not in floored]
+        # What the layers not floored must prune so that, with the floored layers at their floors, `kept` remain.
+        prune = sum(sizes[i] for i in rest) - (kept - sum(min_kept[i] for i in floored))
+        if prune > 0:
+            tau = _kth_smallest_bracketed([magnitudes[i] for i in rest], [scales[i] for i in rest], prune)
+        else:  # Only through exact ties at a threshold: the others keep everything, or every layer is floored.
+            tau = max([0.0, *floored.values()]) if not rest else 0.0
+        candidates = [i for i in rest if min_kept[i]]
+        if not candidates:
+            break
+        counts = torch.stack([torch.count_nonzero(_scaled(magnitudes[i], scales[i]) > tau) for i in candidates])
+        below = [i for i, count in zip(candidates, counts.tolist(), strict=True) if count < min_kept[i]]
+        if not below:
+            break
+        for i in below:
+            prune_own = sizes[i] - min_kept[i]
+            floored[i] = _kth_smallest_bracketed([magnitudes[i]], [scales[i]], prune_own) if prune_own else 0.0
+    return tau, [floored.get(i, tau) for i in range(len(sizes))]
+
+
+def _scaled(magnitude: Tensor, scale: float) -> Tensor:
+    """`magnitude * scale` in float32, computed as the selection and ST-3's masks compute it."""
+    return magnitude.float() * scale if scale != 1.0 else magnitude.float()
+
+
+def _kth_smallest_bracketed(magnitudes: Sequence[Tensor], scales: Sequence[float], k: int) -> float:
+    """The `k`-th smallest (from 1) of all `magnitudes[i] * scales[i]`, without selecting over all of them."""
     total = sum(m.numel() for m in magnitudes)
-    k = round(sparsity * total)
-    if k == 0:
-        return 0.0
     stride = total // _SAMPLE_SIZE
     if stride < 2:
         return _kth_smallest(magnitudes, scales, k)

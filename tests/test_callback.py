@@ -43,6 +43,7 @@ BOTH, NAME_ONLY = (by_name, by_object), (by_name,)  # settings of another method
 def test_the_method_is_an_object_whichever_the_spelling() -> None:
     assert by_name("st3", target_sparsity=0.9, freeze_at=0.9).method == ST3(target_sparsity=0.9, freeze_at=0.9)
     assert by_name("st3sigma", target_sparsity=0.9).method == ST3(0.9, sigma=True)
+    assert by_name("st3sigma", target_sparsity=0.9, min_density=0.01).method == ST3(0.9, sigma=True, min_density=0.01)
     assert by_name("str", s_init=-3.0).method == STR(s_init=-3.0)
     method = ST3(0.8, start=0, end=10)
     callback = SparsityCallback(method, include=nn.Linear, harden_on_fit_end=False)
@@ -117,6 +118,13 @@ BAD_ARGUMENTS = [
      r"`start`, `end` cannot be combined with a schedule object", BOTH),
     ("st3", {"target_sparsity": 0.9, "rescale": "False"}, TypeError, r"`rescale` must be True or False, got 'False'",
      BOTH),
+    ("st3", {"target_sparsity": 0.9, "min_density": 0.2}, ValueError,
+     r"`min_density` \(0.2\) must be at most 1 - `target_sparsity` \(0.9\): the layers cannot each keep more than the "
+     r"fraction of weights the target leaves; lower one of them", BOTH),
+    ("st3sigma", {"target_sparsity": 0.5, "min_density": -0.01}, ValueError,
+     r"`min_density` must be a finite number in \[0, 1\], got -0.01", BOTH),
+    ("st3", {"target_sparsity": 0.9, "min_density": "0.01"}, TypeError, rf"`min_density` {REAL} '0.01' \(str\)$", BOTH),
+    ("str", {"min_density": 0.01}, ValueError, "`min_density` " + DOES_NOT_APPLY.format("str"), NAME_ONLY),
     ("st3", {"target_sparsity": 0.9, "harden_on_fit_end": "no"}, TypeError,
      r"`harden_on_fit_end` must be True or False, got 'no' \(str\)", BOTH),
     ("st3", {"target_sparsity": 0.9, "s_init": -5.0}, ValueError, "`s_init` " + DOES_NOT_APPLY.format("st3"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,26 @@ def test_resume_with_a_changed_schedule_warns_and_continues(
     weights = [model.conv.weight, model.fc.weight]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_checkpoint_from_before_min_density_resumes_with_its_default_and_a_change_is_a_warning(
+    tmp_path: Path, mid_run_checkpoints: dict[str, Path]
+) -> None:
+    checkpoint = torch.load(mid_run_checkpoints["st3"], weights_only=True)
+    (state,) = [s for s in checkpoint["callbacks"].values() if "schedule_step" in s]
+    del state["min_density"]  # as lightning-sparse 0.2.0 wrote it
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, max_epochs=1, callbacks=[SparsityCallback(**UNFROZEN_ST3_ARGS)]).fit(
+            TinyNet(), ckpt_path=tmp_path / "old.ckpt"
+        )
+    assert [str(w.message) for w in caught if "differ from the checkpoint" in str(w.message)] == []
+    # A minimum changes the thresholds from now on, not what the saved tensors mean: a resume may change it.
+    with pytest.warns(UserWarning, match=r"differ from the checkpoint's.*\n- min_density: 0.0 in the checkpoint, 0.05"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[SparsityCallback(**UNFROZEN_ST3_ARGS, min_density=0.05)]).fit(
+            TinyNet(), ckpt_path=tmp_path / "old.ckpt"
+        )
 
 
 def test_sparse_training_starts_from_a_dense_pretrained_checkpoint(tmp_path: Path) -> None:

@@ -46,9 +46,9 @@ ONE_OF = r"`method` must be one of 'st3', 'st3sigma', 'str' or a method object,"
          r"threshold_decay, target_sparsity, start, end, schedule\); remove it, or pick the method it belongs to$"),
         ("st3", {"target_sparsity": 0.9, "s_init": -5.0, "threshold_decay": 0.1},
          r"^`s_init`, `threshold_decay` do not apply to method='st3' \(its settings: target_sparsity, start, end, "
-         r"schedule, freeze_at, rescale, sigma\)"),
+         r"schedule, freeze_at, rescale, sigma, min_density\)"),
         ("st3sigma", {"target_sparsity": 0.9, "sigma": False}, r"^`sigma` does not apply to method='st3sigma' \(its "
-         r"settings: target_sparsity, start, end, schedule, freeze_at, rescale\)"),  # the name fixes it
+         r"settings: target_sparsity, start, end, schedule, freeze_at, rescale, min_density\)"),  # the name fixes it
     ],
     ids=["unknown", "class-name", "None", "foreign", "two-foreign", "fixed-by-the-name"],
 )  # fmt: skip

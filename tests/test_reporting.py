@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,7 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_sparse import SparsityCallback
 from lightning_sparse.reporting import PLOT_FILE
-from models import LENGTH, TinyNet, make_trainer
+from models import LENGTH, N_WEIGHTS, TinyNet, make_trainer, zeros
 from wandb_offline import history, read_records, run_file
 
 TESTS = Path(__file__).parent
@@ -252,3 +253,52 @@ def test_a_plot_that_cannot_be_saved_is_a_warning_and_the_table_still_appears(
     with pytest.warns(UserWarning, match=r"could not save the budget plot .*sparsity_budget.png \(IsADirectoryError"):
         _fit(tmp_path, callback, _tiny(), 3, logger=False)
     assert "per-layer budget" in capsys.readouterr().out
+
+
+class SmallConv(TinyNet):
+    """TinyNet whose conv weights start 1000 times smaller than its fc's: one global threshold empties the conv."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.01, batch_size=16)
+        with torch.no_grad():
+            self.conv.weight.mul_(1e-3)
+
+
+def _fully_pruned_warnings(warned: pytest.WarningsRecorder) -> list[str]:
+    return [str(w.message) for w in warned if "fully pruned" in str(w.message)]
+
+
+def test_a_fully_pruned_layer_is_named_once_with_its_step_and_counted_in_the_logs(tmp_path: Path) -> None:
+    callback = SparsityCallback("st3", target_sparsity=0.8, start=0, end=2)
+    logger = CSVLogger(tmp_path)
+    with pytest.warns(UserWarning) as warned:
+        _fit(tmp_path, callback, SmallConv(), 6, logger=logger)
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [row for row in csv.DictReader(f) if row["sparsity/global"]]
+    counts = {int(row["step"]): float(row["sparsity/fully_pruned_layers"]) for row in rows}
+    dead_from = min(step for step, count in counts.items() if count)
+    assert counts[dead_from] == 1.0 and all(count == 0.0 for step, count in counts.items() if step < dead_from)
+    assert float(rows[dead_from - 1]["layer_sparsity/conv"]) == 1.0
+    # Logged at every step, warned at the first: once per layer and fit, whatever it does afterwards.
+    (message,) = _fully_pruned_warnings(warned)
+    assert message.startswith(
+        f"lightning-sparse: 1 sparsified layer is fully pruned at step {dead_from}, every weight zero: 'conv' (12 "
+        "weights). Such a layer's output no longer depends on its input"
+    )
+    assert "`min_density`" in message and "exclude=[...]" in message
+
+
+def test_st3_min_density_keeps_every_layer_alive_in_a_fit_at_the_exact_target(tmp_path: Path) -> None:
+    callback = SparsityCallback("st3", target_sparsity=0.8, start=0, end=2, min_density=0.1)
+    logger = CSVLogger(tmp_path)
+    model = SmallConv()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, callback, model, 6, logger=logger)
+    assert not [w for w in caught if "fully pruned" in str(w.message)]
+    # Hardened: the conv keeps ceil(0.1 x 12) = 2 weights, and 61 of all 76 weights are zero, as without the floor.
+    assert int((model.conv.weight != 0).sum()) >= 2
+    assert zeros(model.conv.weight, model.fc.weight) == round(0.8 * N_WEIGHTS)
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [row for row in csv.DictReader(f) if row["sparsity/global"]]
+    assert {float(row["sparsity/fully_pruned_layers"]) for row in rows} == {0.0}

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 from lightning_sparse import ST3
 from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
+from lightning_sparse.methods.base import distinct_weights
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, sigma_scale, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule
@@ -94,6 +95,67 @@ def test_st3_sigma_prunes_exactly_the_target_count() -> None:
         if zeros != round(0.5 * (12 + 72)):
             short.append((seed, zeros))
     assert short == []
+
+
+def _classifier_at_small_std() -> list[torch.Tensor]:
+    """Two He-initialised convs and a classifier initialised at std 0.01, as torchvision's MobileNetV3 does."""
+    torch.manual_seed(0)
+    return [torch.randn(16, 3, 3, 3) * 0.27, torch.randn(32, 16, 3, 3) * 0.12, torch.randn(10, 512) * 0.01]
+
+
+@pytest.mark.parametrize("sigma", [False, True])
+def test_st3_min_density_keeps_each_layer_its_minimum_at_the_exact_global_count(sigma: bool) -> None:
+    weights = _classifier_at_small_std()
+    layers = [StraightThroughSoftThreshold(w) for w in weights]
+    n = sum(w.numel() for w in weights)
+    update_thresholds(layers, weights, sparsity=0.9, sigma=sigma)
+    assert int(layers[2].mask.sum()) == 0  # one global threshold empties the classifier
+
+    tau = update_thresholds(layers, weights, sparsity=0.9, sigma=sigma, min_density=0.02)
+    kept = [int(p.mask.sum()) for p in layers]
+    assert sum(kept) == n - round(0.9 * n)
+    assert kept[2] == math.ceil(0.02 * 5120)  # held at its minimum: its largest 103 weights
+    assert bool(layers[2].mask.flatten()[weights[2].abs().flatten().topk(103).indices].all())
+    assert all(k >= math.ceil(0.02 * w.numel()) for k, w in zip(kept, weights, strict=True))
+    # The classifier is soft-thresholded at its own, lower threshold, the convs at the global one.
+    scales = [sigma_scale(w) if sigma else 1.0 for w in weights]
+    thresholds = [p.threshold.item() * s for p, s in zip(layers, scales, strict=True)]
+    assert thresholds[:2] == [pytest.approx(tau)] * 2 and thresholds[2] < tau
+    assert [int((p(w) != 0).sum()) for p, w in zip(layers, weights, strict=True)] == kept
+
+
+def test_st3_min_density_in_the_method_follows_the_schedule_and_logs_the_global_threshold() -> None:
+    method = ST3(0.9, start=0, end=2, min_density=0.02).for_run(total_steps=10)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(512, 10))
+    with torch.no_grad():
+        for layer, weight in zip((net[0], net[1], net[3]), _classifier_at_small_std(), strict=True):
+            layer.weight.copy_(weight)
+    parametrize_weights(select_weights(net), method.parametrization)
+    layers = sparsity_parametrizations(net)
+    assert method.on_fit_start(distinct_weights(layers), []) == []
+    for step in (1, 2, 3):
+        method.after_optimizer_step(step, layers)
+        kept = [int((layer.weight != 0).sum()) for layer in (net[0], net[1], net[3])]
+        n = 432 + 4608 + 5120
+        assert sum(kept) == n - round(CubicSchedule(0.9, 0, 2).sparsity_at(step) * n)
+        assert kept[2] >= 103
+    metrics = method.metrics(3, layers)
+    thresholds = [w.parametrization.threshold.item() for w in layers.values()]
+    assert metrics["sparsity/threshold"] == max(thresholds) == thresholds[0] > thresholds[2]
+
+
+def test_st3_refuses_at_fit_start_a_min_density_its_layers_cannot_keep_rounded_up() -> None:
+    # 0.1 <= 1 - 0.9, but ceil(0.1 x 12) + ceil(0.1 x 72) = 2 + 8 weights is more than the 8 of 84 that 90 % leaves.
+    method = ST3(0.9, min_density=0.1).for_run(total_steps=100)
+    _, layers = _sparse_layers(method)
+    weights = distinct_weights(layers)
+    with pytest.raises(
+        ValueError,
+        match=r"^`min_density=0.1` keeps at least 10 of the 84 sparsified weights \(ceil\(0.1 x its size\) in each "
+        r"of the 2 layers\), more than the 8 that sparsity 0.9 leaves: lower `min_density`",
+    ):
+        method.on_fit_start(weights, [])
+    assert ST3(0.9, min_density=0.05).for_run(total_steps=100).on_fit_start(weights, []) == []
 
 
 def test_st3_keeps_bf16_weights_bf16():
@@ -181,7 +243,7 @@ def test_defaults_and_names() -> None:
 def test_settings_are_plain_python_values() -> None:
     assert ST3(0.9, start=10, end=0.5, freeze_at=0.9, sigma=True).settings() == {
         "method": "st3sigma", "target_sparsity": 0.9, "start": 10, "end": 0.5, "schedule": "cubic",
-        "freeze_at": 0.9, "rescale": True, "sigma": True,
+        "freeze_at": 0.9, "rescale": True, "sigma": True, "min_density": 0.0,
     }  # fmt: skip
 
 

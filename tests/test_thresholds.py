@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from lightning_sparse.thresholds import global_magnitude_threshold
+from lightning_sparse.thresholds import floored_magnitude_thresholds, global_magnitude_threshold, min_kept_per_layer
 
 
 def _zero_fraction(magnitudes, tau, scales):
@@ -34,3 +36,62 @@ def test_zero_sparsity_prunes_nothing_and_bad_sparsity_raises():
     assert global_magnitude_threshold([torch.rand(10)], 0.0) == 0.0
     with pytest.raises(ValueError, match="sparsity"):
         global_magnitude_threshold([torch.rand(10)], 1.0)
+
+
+# ------------------------------------------------------------------ minimum kept per layer
+
+
+def _optimal_masks(values: list[torch.Tensor], min_kept: list[int], kept: int) -> list[torch.Tensor]:
+    """The magnitude-optimal kept sets under floors, by brute force: each layer's `min_kept` largest, then the
+    largest of all the others up to `kept`."""
+    protected = [torch.zeros_like(v, dtype=torch.bool) for v in values]
+    for mask, v, floor in zip(protected, values, min_kept, strict=True):
+        mask[v.topk(floor).indices] = True
+    others = torch.cat([v.masked_fill(mask, -math.inf) for v, mask in zip(values, protected, strict=True)])
+    chosen = torch.zeros_like(others, dtype=torch.bool)
+    chosen[others.topk(kept - sum(min_kept)).indices] = True
+    return [m | c for m, c in zip(protected, chosen.split([v.numel() for v in values]), strict=True)]
+
+
+@pytest.mark.parametrize(
+    "sizes", [[30, 500, 7, 2000, 64], [40_000, 150_000, 3_000, 90_000, 10]], ids=["small", "sampled"]
+)
+@pytest.mark.parametrize("with_scales", [False, True])
+def test_floors_keep_the_magnitude_optimal_set_and_the_exact_global_count(sizes: list[int], with_scales: bool) -> None:
+    # Layers of very different scales, as conv and linear inits are: a global threshold alone empties the small ones.
+    generator = torch.Generator().manual_seed(2)
+    magnitudes = [torch.rand(n, generator=generator) * 10.0 ** (i % 3 - 2) for i, n in enumerate(sizes)]
+    scales = [1.0 + i for i in range(len(sizes))] if with_scales else [1.0] * len(sizes)
+    values = [m * s for m, s in zip(magnitudes, scales, strict=True)]
+    total = sum(sizes)
+    for sparsity, min_density in [(0.9, 0.02), (0.98, 0.01), (0.5, 0.3), (0.9, 0.0)]:
+        min_kept = min_kept_per_layer(sizes, min_density)
+        tau, thresholds = floored_magnitude_thresholds(magnitudes, sparsity, min_kept, scales)
+        masks = [v > t for v, t in zip(values, thresholds, strict=True)]
+        kept = total - round(sparsity * total)
+        assert sum(int(m.sum()) for m in masks) == kept
+        assert all(int(m.sum()) >= f for m, f in zip(masks, min_kept, strict=True))
+        expected = _optimal_masks(values, min_kept, kept)
+        assert all(torch.equal(m, e) for m, e in zip(masks, expected, strict=True))
+        # Unfloored layers are pruned at the global threshold, floored ones below it.
+        assert tau == max(thresholds) and all(t in (tau,) or t < tau for t in thresholds)
+        if min_density == 0.0:
+            assert thresholds == [global_magnitude_threshold(magnitudes, sparsity, scales)] * len(sizes)
+
+
+def test_floors_that_bind_flooring_more_layers_in_later_rounds() -> None:
+    # The tiny layer falls below its floor at the first global threshold; flooring it raises the threshold,
+    # under which the middle layer falls below its floor too.
+    magnitudes = [torch.arange(1.0, 11.0) / 1000, torch.arange(1.0, 11.0) / 10, torch.arange(1.0, 81.0)]
+    tau, thresholds = floored_magnitude_thresholds(magnitudes, 0.8, min_kept=[2, 2, 2])
+    assert [int((m > t).sum()) for m, t in zip(magnitudes, thresholds, strict=True)] == [2, 2, 16]
+    assert thresholds[:2] == [pytest.approx(0.008), pytest.approx(0.8)] and tau == 64.0
+
+
+def test_floors_above_what_the_sparsity_leaves_raise() -> None:
+    with pytest.raises(ValueError, match=r"the layers' minimums keep 6 elements, more than the 5 of 50 that sparsity"):
+        floored_magnitude_thresholds([torch.rand(25), torch.rand(25)], 0.9, min_kept=[3, 3])
+    with pytest.raises(ValueError, match=r"min_kept must give each layer a count in \[0, its size \[2\]\]"):
+        floored_magnitude_thresholds([torch.rand(2)], 0.5, min_kept=[3])
+    # A layer may have to keep all of its weights: its threshold is 0 (only exact zeros pruned).
+    assert floored_magnitude_thresholds([torch.rand(2) / 1e3, torch.rand(98)], 0.5, min_kept=[2, 0])[1][0] == 0.0

@@ -29,7 +29,8 @@ def make_method(name: str, **settings: Any) -> SparsityMethod:
 
     Example:
         >>> make_method("st3sigma", target_sparsity=0.9, s_init=None)
-        ST3(target_sparsity=0.9, start=0.05, end=0.5, schedule='cubic', freeze_at=None, rescale=True, sigma=True)
+        ST3(target_sparsity=0.9, start=0.05, end=0.5, schedule='cubic', freeze_at=None, rescale=True, sigma=True, \
+min_density=0.0)
         >>> make_method("str", freeze_at=0.9)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...

@@ -165,6 +165,17 @@ class SparsityMethod(ABC):
         fields = dataclasses.fields(self)  # type: ignore[arg-type]
         return {"method": self.name, **{f.name: _plain(getattr(self, f.name)) for f in fields}}
 
+    def default_settings(self) -> dict[str, Any]:
+        """Each setting's default, as `settings()` records it: what a run saved before the setting existed used.
+
+        Example:
+            >>> from lightning_sparse.methods import ST3
+            >>> ST3(0.9, min_density=0.01).default_settings()["min_density"]
+            0.0
+        """
+        fields = dataclasses.fields(self)  # type: ignore[arg-type]
+        return {f.name: _plain(f.default) for f in fields if f.default is not dataclasses.MISSING}
+
 
 def _plain(value: Any) -> Any:
     """Objects a checkpoint cannot hold under `weights_only=True` (a user's schedule) by their repr."""

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Self, cast
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_sparse.arguments import StepOrFraction, check_bool, check_step_or_fraction
+from lightning_sparse.arguments import StepOrFraction, check_bool, check_real, check_step_or_fraction
 from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod, distinct_weights
 from lightning_sparse.schedules import (
     Schedule,
@@ -22,7 +24,12 @@ from lightning_sparse.schedules import (
     resolve_ramp,
     to_step,
 )
-from lightning_sparse.thresholds import NonFiniteWeightsError, count_non_finite, global_magnitude_threshold
+from lightning_sparse.thresholds import (
+    NonFiniteWeightsError,
+    count_non_finite,
+    floored_magnitude_thresholds,
+    min_kept_per_layer,
+)
 
 __all__ = ["ST3", "StraightThroughSoftThreshold", "channel_totals", "sigma_scale", "update_thresholds"]
 
@@ -209,12 +216,16 @@ def update_thresholds(
     sparsity: float,
     sigma: bool = False,
     names: Sequence[str] | None = None,
+    min_density: float = 0.0,
 ) -> float:
     """Set every layer's threshold from one global magnitude quantile at `sparsity`.
 
     `weights` are the raw (original) weights, in the order of `layers`. With `sigma`, each layer's
-    magnitudes are width-normalised first (ST-3σ), which spreads the budget more evenly.
-    Returns the global threshold (in normalised units under `sigma`).
+    magnitudes are width-normalised first (ST-3σ), which spreads the budget more evenly. With
+    `min_density`, every layer keeps at least `ceil(min_density * its size)` weights (its largest), the
+    global count of zeros staying `round(sparsity * n)`: see `floored_magnitude_thresholds`.
+    Returns the global threshold (in normalised units under `sigma`), which layers held at their
+    minimum undercut.
 
     Raises `NonFiniteWeightsError` naming the layers (by `names`, else by position) whose weights hold
     NaN or inf, before any layer changes: a NaN is neither pruned nor kept.
@@ -244,10 +255,37 @@ def update_thresholds(
         if non_finite:
             raise NonFiniteWeightsError(non_finite)
     scales = [sigma_scale(w) if sigma else 1.0 for w in weights]
-    tau = global_magnitude_threshold(magnitudes, sparsity, scales)
-    for layer, magnitude, scale, total in zip(layers, magnitudes, scales, totals, strict=True):
-        layer.set_threshold(magnitude, tau, scale, total=total if layer.rescale else None)
+    sizes = [w.numel() for w in weights]
+    check_min_density(sizes, sparsity, min_density)
+    tau, thresholds = floored_magnitude_thresholds(magnitudes, sparsity, min_kept_per_layer(sizes, min_density), scales)
+    for layer, magnitude, threshold, scale, total in zip(layers, magnitudes, thresholds, scales, totals, strict=True):
+        layer.set_threshold(magnitude, threshold, scale, total=total if layer.rescale else None)
     return tau
+
+
+def check_min_density(sizes: Sequence[int], sparsity: float, min_density: float) -> None:
+    """Raise a `ValueError` naming `min_density` if layers of `sizes` weights cannot each keep that fraction at
+    `sparsity`: their minimums, rounded up per layer, must fit in what the sparsity leaves.
+
+    Example:
+        >>> check_min_density([1000, 10], sparsity=0.9, min_density=0.15)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `min_density=0.15` keeps at least 152 of the 1,010 sparsified weights (ceil(0.15 x its size) in \
+each of the 2 layers), more than the 101 that sparsity 0.9 leaves: lower `min_density` ...
+    """
+    if not min_density:
+        return
+    total = sum(sizes)
+    kept = total - round(sparsity * total)
+    floors = sum(min_kept_per_layer(sizes, min_density))
+    if floors > kept:
+        raise ValueError(
+            f"`min_density={min_density:g}` keeps at least {floors:,} of the {total:,} sparsified weights "
+            f"(ceil({min_density:g} x its size) in each of the {len(sizes)} layers), more than the {kept:,} that "
+            f"sparsity {sparsity:g} leaves: lower `min_density` (at most 1 - the target sparsity, less the rounding "
+            "up in small layers) or the target sparsity"
+        )
 
 
 @dataclass(frozen=True)
@@ -271,6 +309,11 @@ class ST3(SparsityMethod):
         rescale: The per-output-channel rescale of the paper's code. Default True.
         sigma: ST-3σ: compare `|w| * sqrt(sum(weight.shape))` across layers, which spreads the
             budget more evenly and gives fewer FLOPs at the same sparsity.
+        min_density: Every sparsified layer keeps at least this fraction of its weights (rounded up:
+            at least one weight), its largest, so no layer is pruned away whole; the global sparsity
+            stays exact (layers held at their minimum leave fewer weights to the others). In
+            [0, 1 - target_sparsity]. Default 0: one global threshold, which can empty a layer whose
+            weights are small next to the others' (e.g. a classifier initialised at std 0.01).
 
     Example:
         >>> ST3(target_sparsity=0.9, freeze_at=0.9).for_run(total_steps=100).freeze_at
@@ -279,6 +322,10 @@ class ST3(SparsityMethod):
         Traceback (most recent call last):
         ...
         ValueError: `freeze_at` (step 3) must not come before `end` (step 8): masks would freeze mid-schedule
+        >>> ST3(target_sparsity=0.9, min_density=0.2)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `min_density` (0.2) must be at most 1 - `target_sparsity` (0.9): ...
     """
 
     target_sparsity: float | None = None
@@ -288,6 +335,7 @@ class ST3(SparsityMethod):
     freeze_at: StepOrFraction | None = None
     rescale: bool = True
     sigma: bool = False
+    min_density: float = 0.0
 
     parametrization_class = StraightThroughSoftThreshold
     reparameterization_settings = frozenset({"rescale"})
@@ -298,9 +346,17 @@ class ST3(SparsityMethod):
             checked["freeze_at"] = check_step_or_fraction("freeze_at", self.freeze_at)
         checked["rescale"] = check_bool("rescale", self.rescale)
         checked["sigma"] = check_bool("sigma", self.sigma)
+        checked["min_density"] = check_real("min_density", self.min_density, low=0.0, high=1.0)
         for name, value in checked.items():
             object.__setattr__(self, name, value)
         check_order(self.schedule, self.start, self.end, self.freeze_at)
+        # With a tolerance: 1 - 0.9 is 0.09999999999999998 in floating point, and 0.1 with 0.9 is allowed.
+        if self.target_sparsity is not None and self.min_density + self.target_sparsity > 1.0 + 1e-12:
+            raise ValueError(
+                f"`min_density` ({self.min_density:g}) must be at most 1 - `target_sparsity` "
+                f"({self.target_sparsity:g}): the layers cannot each keep more than the fraction of weights the target "
+                "leaves; lower one of them"
+            )
 
     @property
     @override
@@ -334,6 +390,14 @@ class ST3(SparsityMethod):
         return isinstance(parametrization, StraightThroughSoftThreshold) and parametrization.rescale == self.rescale
 
     @override
+    def on_fit_start(
+        self, weights: Sequence[tuple[SparseParametrization, Tensor]], optimizers: Sequence[Optimizer]
+    ) -> list[str]:
+        """Refuse a `min_density` that the layers, rounded up one by one, cannot keep at the final sparsity."""
+        check_min_density([w.numel() for _, w in weights], self.target(sys.maxsize), self.min_density)
+        return []
+
+    @override
     def after_optimizer_step(self, step: int, layers: SparseLayers) -> None:
         """Update every mask and rescale; raises `NonFiniteWeightsError` (naming layers and `step`) on NaN or inf."""
         mine = {name: w for name, w in layers.items() if isinstance(w.parametrization, StraightThroughSoftThreshold)}
@@ -343,7 +407,7 @@ class ST3(SparsityMethod):
         try:
             update_thresholds(
                 parametrizations, [w.raw for w in mine.values()], self._schedule().sparsity_at(step), self.sigma,
-                names=list(mine),
+                names=list(mine), min_density=self.min_density,
             )  # fmt: skip
         except NonFiniteWeightsError as error:
             raise NonFiniteWeightsError(error.layers, step) from None
@@ -355,10 +419,13 @@ class ST3(SparsityMethod):
     def metrics(self, step: int, layers: SparseLayers) -> dict[str, float]:
         """``sparsity/target`` (the schedule's value) and ``sparsity/threshold`` (the global threshold)."""
         metrics = {"sparsity/target": self.target(step)}
-        for p, weight in distinct_weights(layers)[:1]:
-            # Every layer holds the global threshold in its own units (divided by its width under σ).
-            assert isinstance(p, StraightThroughSoftThreshold)
-            metrics["sparsity/threshold"] = p.threshold.item() * (sigma_scale(weight) if self.sigma else 1.0)
+        pairs = [(p, w) for p, w in distinct_weights(layers) if isinstance(p, StraightThroughSoftThreshold)]
+        if pairs:
+            # Each layer holds its threshold in its own units (divided by its width under σ): the global one, or a
+            # lower one if `min_density` holds it at its minimum. The largest is the global threshold.
+            thresholds = torch.stack([p.threshold for p, _ in pairs]).tolist()
+            scales = [sigma_scale(w) if self.sigma else 1.0 for _, w in pairs]
+            metrics["sparsity/threshold"] = max(t * s for t, s in zip(thresholds, scales, strict=True))
         return metrics
 
     @override
