@@ -36,7 +36,7 @@ from lightning_sparse.layers import (
     unparametrize,
 )
 from lightning_sparse.methods import SparsityMethod, make_method
-from lightning_sparse.methods.base import SparseLayers, distinct_weights
+from lightning_sparse.methods.base import SparseLayers
 from lightning_sparse.reporting import SparsityReport
 from lightning_sparse.schedules import Schedule
 from lightning_sparse.stats import sparsified_fraction
@@ -197,7 +197,7 @@ class SparsityCallback(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        for message in self._run_method().on_fit_start(distinct_weights(self._layers), trainer.optimizers):
+        for message in self._run_method().on_fit_start(self._layers, trainer.optimizers):
             rank_zero_warn(message)
         undecayed = _undecayed_weights(self._layers, trainer.optimizers)
         if undecayed:

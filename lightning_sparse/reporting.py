@@ -252,7 +252,8 @@ def _measure_dense_flops(trainer: pl.Trainer, pl_module: pl.LightningModule, bat
         rank_zero_warn(
             f"lightning-sparse could not measure FLOPs by calling the model on {source} "
             f"({type(error).__name__}: {error}). Set `example_input_array` on your LightningModule to what "
-            "`forward` takes; sparsity is logged regardless, FLOPs are not."
+            "`forward` takes: a tensor, a tuple of positional arguments or a dict of keyword arguments (e.g. "
+            "`self.example_input_array = (tokens, targets)`); sparsity is logged regardless, FLOPs are not."
         )
         return {}
 

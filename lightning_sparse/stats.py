@@ -1,10 +1,18 @@
 """Per-layer parameter and FLOPs budgets of a (possibly reparameterized) model: plain PyTorch.
 
-FLOPs follow the papers' convention: multiply-accumulates (MACs) of conv and linear layers, per
-sample, no bias, BatchNorm, activations or pooling. Dense counts come from one real forward under
-`torch.utils.flop_counter.FlopCounterMode`, so any architecture works; sparse counts are dense
-counts scaled by each layer's density, which only needs the layers' non-zeros (cheap), so a
-training loop measures dense counts once and calls `sparse_stats` at each log.
+FLOPs follow the papers' convention: multiply-accumulates (MACs) per sample of the products with a
+weight (convolutions, linear layers, attention projections, any matmul that reads a weight), no bias,
+BatchNorm, activations or pooling. Dense counts come from one real forward: every matrix multiply and
+convolution that `torch.utils.flop_counter` has a formula for is charged to the weight it reads,
+recognised by its storage (a view such as `weight.t()` or a slice of a packed projection shares it; a
+dtype cast is followed), whichever module runs it: a weight used through `F.linear` inside its parent
+(`MultiheadAttention`'s projections, timm's fused qkv) is counted like a `Linear`. Attention's score
+and value products (`QK^T`, `AV`) multiply activations by activations: no weight is charged for them,
+and they are not in `flops/dense` (the papers count weight MACs; these do not shrink with sparsity).
+`MultiheadAttention`'s fused eval fast path runs as separate products while counting. A fused kernel
+without a formula (an LSTM's `aten.lstm`) counts 0. Sparse counts are dense counts scaled by each
+weight's density, which only needs the non-zeros (cheap), so a training loop measures dense counts
+once and calls `sparse_stats` at each log.
 
 A NaN or inf entry is never counted as a zero: a keep mask prunes a NaN (`NaN > t` is false), but the
 effective weight there is NaN. Layers without a weight tensor (`weight=None`, a lazy layer not yet
@@ -17,13 +25,16 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+from typing_extensions import override
 
 from lightning_sparse.layers import (
     SPARSIFIABLE_TYPES,
@@ -101,25 +112,82 @@ def layer_stats(module: nn.Module, example_input: Any) -> list[LayerStats]:
 
 @torch.no_grad()
 def dense_flops(module: nn.Module, example_input: Any) -> dict[str, int]:
-    """Dense multiply-accumulates per sample of each conv/linear (or sparsified) layer, by name.
+    """Dense multiply-accumulates per sample of each weight a product in the forward reads, by `weight_name`.
 
     Measured on one forward in eval mode (restored afterwards), so BatchNorm statistics and the RNG
-    of the training run are untouched. A layer the forward does not reach counts 0.
+    of the training run are untouched. A weight the forward does not multiply by is not listed.
 
     Example:
         >>> dense_flops(nn.Linear(4, 3), torch.randn(5, 4))
         {'': 12}
+        >>> dense_flops(nn.MultiheadAttention(8, 2, batch_first=True), (torch.randn(1, 5, 8),) * 3)
+        {'in_proj_weight': 960, 'out_proj': 320}
     """
     batch_size = _batch_size(example_input)
-    root = type(module).__name__
-    with _eval_mode(module), FlopCounterMode(display=False) as counter:
-        _call(module, example_input)
-    # The counter names modules `<root class>.<qualified name>` and counts 2 FLOPs per MAC.
-    counts = counter.get_flop_counts()
-    return {
-        name: sum(counts.get(f"{root}.{name}" if name else root, {}).values()) // (2 * batch_size)
-        for name in _weights(module, {})
-    }
+    counter = _WeightProducts()
+    hooks = []
+    for holders in tensor_holders(module).values():
+        name = weight_name(holders[0][0], holders[0][2])
+        for _, layer, tensor_name in holders:
+            if parametrize.is_parametrized(layer, tensor_name):
+                # A parametrized weight is computed at each access: recognise the tensor it becomes.
+                note = partial(_note_output, counter, name)
+                hooks.append(parametrizations_of(layer, tensor_name).register_forward_hook(note))
+            else:
+                counter.note(stored_tensor(layer, tensor_name), name)
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with _eval_mode(module), counter:
+            _call(module, example_input)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
+        for hook in hooks:
+            hook.remove()
+    return {name: flops // (2 * batch_size) for name, flops in counter.flops.items()}
+
+
+class _WeightProducts(TorchDispatchMode):
+    """Charges the FLOPs of every product `flop_registry` knows to the noted weight among its inputs."""
+
+    # Copies that keep a weight a weight (autocast's cast, `contiguous`); views share its storage anyway.
+    _COPIES = frozenset({torch.ops.aten._to_copy.default, torch.ops.aten.clone.default})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights: dict[int, str] = {}
+        self.flops: dict[str, int] = {}
+        self._alive: list[Tensor] = []
+
+    def note(self, tensor: Tensor, name: str) -> None:
+        # Weights have two or more dimensions: a bias, also an input of `addmm`, is not charged.
+        if tensor.numel() and tensor.dim() >= 2:
+            self.weights[tensor.untyped_storage().data_ptr()] = name
+            # Held until the count ends: a freed weight's memory could hold the next one under the same address.
+            self._alive.append(tensor)
+
+    def _name(self, value: Any) -> str | None:
+        if isinstance(value, Tensor) and value.numel():
+            return self.weights.get(value.untyped_storage().data_ptr())
+        return None
+
+    @override
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        names = [name for name in map(self._name, args) if name is not None]
+        if not names:
+            return out
+        if func._overloadpacket in flop_registry:
+            flops = flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+            self.flops[names[0]] = self.flops.get(names[0], 0) + flops
+        elif func in self._COPIES:
+            self.note(out, names[0])
+        return out
+
+
+def _note_output(counter: _WeightProducts, name: str, module: nn.Module, inputs: Any, output: Tensor) -> None:
+    counter.note(output, name)
 
 
 @torch.no_grad()

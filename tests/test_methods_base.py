@@ -64,7 +64,7 @@ def test_a_method_from_outside_the_library_trains_with_the_callback(tmp_path: Pa
     # The base class's defaults: nothing to adapt, nothing of its own to log, one object for every run.
     method = callback.method
     assert method.for_run(16) is method and method.for_run(math.inf) is method
-    assert method.on_fit_start([], []) == [] and method.metrics(1, layers) == {} and method.target(1) is None
+    assert method.on_fit_start({}, []) == [] and method.metrics(1, layers) == {} and method.target(1) is None
     assert method.owns(layers["fc"].parametrization) and not method.owns(nn.Identity())
     assert zeros(model.conv.weight) == 6 and zeros(model.fc.weight) == 32  # at or under the median: half
 

@@ -13,7 +13,6 @@ from torch.nn.utils import parametrize
 
 from lightning_sparse import ST3
 from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
-from lightning_sparse.methods.base import distinct_weights
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, sigma_scale, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule
@@ -132,7 +131,7 @@ def test_st3_min_density_in_the_method_follows_the_schedule_and_logs_the_global_
             layer.weight.copy_(weight)
     parametrize_weights(select_weights(net), method.parametrization)
     layers = sparsity_parametrizations(net)
-    assert method.on_fit_start(distinct_weights(layers), []) == []
+    assert method.on_fit_start(layers, []) == []
     for step in (1, 2, 3):
         method.after_optimizer_step(step, layers)
         kept = [int((layer.weight != 0).sum()) for layer in (net[0], net[1], net[3])]
@@ -148,14 +147,13 @@ def test_st3_refuses_at_fit_start_a_min_density_its_layers_cannot_keep_rounded_u
     # 0.1 <= 1 - 0.9, but ceil(0.1 x 12) + ceil(0.1 x 72) = 2 + 8 weights is more than the 8 of 84 that 90 % leaves.
     method = ST3(0.9, min_density=0.1).for_run(total_steps=100)
     _, layers = _sparse_layers(method)
-    weights = distinct_weights(layers)
     with pytest.raises(
         ValueError,
         match=r"^`min_density=0.1` keeps at least 10 of the 84 sparsified weights \(ceil\(0.1 x its size\) in each "
         r"of the 2 layers\), more than the 8 that sparsity 0.9 leaves: lower `min_density`",
     ):
-        method.on_fit_start(weights, [])
-    assert ST3(0.9, min_density=0.05).for_run(total_steps=100).on_fit_start(weights, []) == []
+        method.on_fit_start(layers, [])
+    assert ST3(0.9, min_density=0.05).for_run(total_steps=100).on_fit_start(layers, []) == []
 
 
 def test_st3_keeps_bf16_weights_bf16():

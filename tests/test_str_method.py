@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_sparse import STR, SparsityCallback
 from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
+from lightning_sparse.methods.base import SparseWeight
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from models import BatchNormNet, TinyNet, make_trainer
@@ -99,8 +100,8 @@ def _layers(s_init: float = -3.0) -> dict:
     return {name: (w.holders[0][0], w.parametrization) for name, w in sparsity_parametrizations(net).items()}
 
 
-def _distinct(layers: Any) -> list[tuple[Any, torch.Tensor]]:
-    return [(p, m.parametrizations.weight.original) for m, p in layers.values()]
+def _distinct(layers: Any) -> dict[str, SparseWeight]:
+    return {name: SparseWeight(p, ((m, "weight"),)) for name, (m, p) in layers.items()}
 
 
 def test_on_fit_start_puts_each_threshold_in_the_group_of_its_weight() -> None:
@@ -119,7 +120,7 @@ def test_on_fit_start_leaves_a_threshold_another_optimizer_holds_where_it_is() -
     (first, p_first), _ = layers.values()
     weights = torch.optim.SGD([first.parametrizations.weight.original], lr=0.1, weight_decay=5e-4)
     thresholds = torch.optim.Adam([p_first.s], lr=0.01)  # a dedicated optimizer for the first's
-    STR().on_fit_start(_distinct(layers)[:1], [weights, thresholds])
+    STR().on_fit_start(dict(list(_distinct(layers).items())[:1]), [weights, thresholds])
     assert [len(g["params"]) for g in weights.param_groups] == [1] and len(thresholds.param_groups[0]["params"]) == 1
 
 
@@ -164,7 +165,7 @@ def _unknown_optimizer(params: Any) -> torch.optim.Optimizer:
 )
 def test_on_fit_start_refuses_threshold_decay_it_cannot_apply_before_changing_anything(make: Any, match: str) -> None:
     layers = _layers()
-    weights = [w for _, w in _distinct(layers)]
+    weights = [w.raw for w in _distinct(layers).values()]
     optimizer = make(weights)
     with pytest.raises(ValueError, match=match):
         STR(threshold_decay=0.5).on_fit_start(_distinct(layers), [optimizer])
@@ -208,7 +209,7 @@ def test_on_fit_start_warns_about_weights_in_no_optimizer() -> None:
 
 def test_on_fit_start_warns_when_s_init_prunes_everything() -> None:
     layers = _layers(s_init=50.0)
-    weights = [w for _, w in _distinct(layers)]
+    weights = [w.raw for w in _distinct(layers).values()]
     optimizer = torch.optim.SGD(weights, lr=0.1)
     (warning,) = STR(s_init=50.0, threshold_decay=0.1).on_fit_start(_distinct(layers), [optimizer])
     assert warning.startswith("Every sparsified weight is at or under its STR threshold (sigmoid(s_init=50) = 1)")

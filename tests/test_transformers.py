@@ -12,13 +12,14 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from lightning_sparse import SparsityCallback, harden, layer_stats
 from lightning_sparse.checkpoint import harden_state_dict
 from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
 from lightning_sparse.methods import ST3, STR, SparsityMethod
 from lightning_sparse.methods.st3 import update_thresholds
-from lightning_sparse.stats import sparsified_fraction
+from lightning_sparse.stats import dense_flops, sparsified_fraction
 from models import make_trainer
 
 VOCAB, WIDTH, CONTEXT = 32, 16, 12
@@ -267,3 +268,81 @@ def test_hugging_face_language_models_with_tied_embeddings_harden_without_changi
     assert (output.weight == 0).float().mean() > 0.5
     with torch.no_grad():
         torch.testing.assert_close(module(tokens), before, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- FLOPs
+
+
+def _hooked_macs(model: nn.Module, *inputs: Tensor) -> dict[str, int]:
+    """Weight MACs per sample counted independently: forward hooks and the layers' shapes."""
+    counts: dict[str, int] = {}
+
+    def linear(name: str, module: nn.Linear, args: Any, output: Tensor) -> None:
+        counts[name] = counts.get(name, 0) + args[0].numel() * module.out_features
+
+    def attention(name: str, module: nn.MultiheadAttention, args: Any, output: Any) -> None:
+        query, key, value = args[:3]
+        width = module.embed_dim
+        counts[f"{name}.in_proj_weight"] = (query.numel() + key.numel() + value.numel()) * width
+        counts[f"{name}.out_proj"] = query.numel() * width  # F.linear in the parent: its own hook never runs
+
+    def conv(name: str, module: nn.Conv2d, args: Any, output: Tensor) -> None:
+        counts[name] = output.numel() * module.weight[0].numel()
+
+    hooks = []
+    for name, module in model.named_modules():
+        kinds = {nn.MultiheadAttention: attention, nn.Linear: linear, nn.Conv2d: conv}
+        kind = next((k for t, k in kinds.items() if isinstance(module, t)), None)
+        if kind is not None:
+            hooks.append(module.register_forward_hook(lambda m, a, o, name=name, kind=kind: kind(name, m, a, o)))
+    model.eval()
+    with torch.no_grad():
+        model(*inputs)
+    for hook in hooks:
+        hook.remove()
+    return {name: n // inputs[0].shape[0] for name, n in counts.items()}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_attention_flops_are_charged_to_each_projection(train: bool) -> None:
+    layer = nn.TransformerEncoderLayer(WIDTH, 2, 2 * WIDTH, batch_first=True).train(train)
+    x = torch.randn(3, 5, WIDTH)
+    expected = _hooked_macs(layer, x)
+    layer.train(train)
+    assert dense_flops(layer, x) == expected  # eval's fused fast path reported 0 of these
+    assert layer.training is train
+    assert expected["self_attn.in_proj_weight"] == 5 * WIDTH * 3 * WIDTH
+
+
+def test_vision_transformer_flops_match_an_independent_count() -> None:
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32, num_classes=10
+    )
+    image = torch.randn(2, 3, 32, 32)
+    parametrize_weights(select_weights(model), ST3(0.9).parametrization)  # counted by their effective weights
+    expected = _hooked_macs(model, image)
+    counted = dense_flops(model, image)
+    assert counted.keys() == expected.keys() and all(
+        counted[name] == pytest.approx(n, rel=0.01) for name, n in expected.items()
+    )
+
+
+def test_swin_flops_charge_every_weight_and_leave_out_only_attention_products() -> None:
+    model = torchvision.models.swin_t(num_classes=10).eval()
+    image = torch.randn(1, 3, 64, 64)
+    counted = dense_flops(model, image)
+    assert set(select_weights(model)) <= {name for name, n in counted.items() if n > 0}
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(image)
+    by_op = {str(op): n // 2 for op, n in counter.get_flop_counts()["Global"].items()}
+    # Weights are multiplied by `mm`/`addmm`/`convolution`; attention's scores and values by `bmm`.
+    assert sum(counted.values()) == pytest.approx(by_op["aten.mm"] + by_op["aten.addmm"] + by_op["aten.convolution"])
+
+
+def test_str_warns_at_fit_start_about_a_zero_initialised_weight_it_could_never_train(tmp_path: Path) -> None:
+    model = TinyLM()
+    nn.init.zeros_(model.block.linear2.weight)  # e.g. adaLN-zero, LoRA's B, a ViT's classifier head
+    callback = SparsityCallback("str", s_init=-5.0, threshold_decay=0.01, harden_on_fit_end=False)
+    with pytest.warns(UserWarning, match=r"all zeros at fit start: 'block.linear2'\. STR gives .* use ST-3"):
+        make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
+    assert not model.block.linear2.weight.any()  # what the warning is about: it never trained

@@ -135,10 +135,8 @@ class SparsityMethod(ABC):
         """Whether this method would have made `parametrization`, so a second `fit` can keep it."""
         return isinstance(parametrization, self.parametrization_class)
 
-    def on_fit_start(
-        self, weights: Sequence[tuple[SparseParametrization, Tensor]], optimizers: Sequence[Optimizer]
-    ) -> list[str]:
-        """Adapt the user's optimizers to the parametrizations of `weights` (each with its raw weight).
+    def on_fit_start(self, layers: SparseLayers, optimizers: Sequence[Optimizer]) -> list[str]:
+        """Adapt the user's optimizers to the parametrizations of `layers`, and check the weights.
 
         Raises for an impossible combination; returns warnings for the user.
         """

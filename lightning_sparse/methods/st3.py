@@ -390,11 +390,9 @@ class ST3(SparsityMethod):
         return isinstance(parametrization, StraightThroughSoftThreshold) and parametrization.rescale == self.rescale
 
     @override
-    def on_fit_start(
-        self, weights: Sequence[tuple[SparseParametrization, Tensor]], optimizers: Sequence[Optimizer]
-    ) -> list[str]:
+    def on_fit_start(self, layers: SparseLayers, optimizers: Sequence[Optimizer]) -> list[str]:
         """Refuse a `min_density` that the layers, rounded up one by one, cannot keep at the final sparsity."""
-        check_min_density([w.numel() for _, w in weights], self.target(sys.maxsize), self.min_density)
+        check_min_density([w.raw.numel() for w in layers.values()], self.target(sys.maxsize), self.min_density)
         return []
 
     @override

@@ -308,9 +308,7 @@ class STR(SparsityMethod):
         return LearnedSoftThreshold(self.s_init, device=weight.device)
 
     @override
-    def on_fit_start(
-        self, weights: Sequence[tuple[SparseParametrization, Tensor]], optimizers: Sequence[Optimizer]
-    ) -> list[str]:
+    def on_fit_start(self, layers: SparseLayers, optimizers: Sequence[Optimizer]) -> list[str]:
         """Put each threshold in the param group of its weight, so your optimizer and LR schedule train it.
 
         A threshold some optimizer already holds (`configure_optimizers` saw it among the model's
@@ -321,9 +319,12 @@ class STR(SparsityMethod):
         Raises, before changing anything, if `threshold_decay` is set and the optimizer of a threshold has
         no weight decay or one of unknown kind, or if a threshold would have to join Muon's (which trains
         only 2-D parameters). Warns when nothing decays the thresholds (the model would stay dense), when a
-        weight is in no optimizer, and when the thresholds already prune every weight.
+        weight is in no optimizer, when the thresholds already prune every weight, and when a weight is all
+        zeros: STR gives no gradient to a weight at or under its threshold, so a zero-initialised weight (a
+        ViT's classifier head, adaLN-zero, LoRA's B) would never train.
         """
-        pairs = [(p, w) for p, w in weights if isinstance(p, LearnedSoftThreshold)]
+        mine = {n: w for n, w in layers.items() if isinstance(w.parametrization, LearnedSoftThreshold)}
+        pairs = [(cast(LearnedSoftThreshold, w.parametrization), w.raw) for w in mine.values()]
         holders: dict[int, tuple[Optimizer, dict[str, Any]]] = {}
         for optimizer in optimizers:
             for group in optimizer.param_groups:
@@ -378,6 +379,14 @@ class STR(SparsityMethod):
                     f"{torch.sigmoid(torch.tensor(self.s_init)).item():.3g}): the whole model is pruned and its "
                     "weights get no gradient. Use a much lower `s_init`, e.g. -5 for short runs or -100 (the default)."
                 )
+            zero = [name for name, (_, w) in zip(mine, pairs, strict=True) if not w.any()]
+        if zero:
+            warnings.append(
+                f"These sparsified weights are all zeros at fit start: {', '.join(map(repr, zero))}. STR gives a "
+                "weight at or under its threshold no gradient, so a zero-initialised weight (a classifier head, "
+                "adaLN-zero, LoRA's B) never trains. Leave them dense with `exclude=[...]` naming them, initialise "
+                "them with small non-zero values, or use ST-3, whose straight-through gradient trains them."
+            )
         return warnings
 
     def _check_decay(self, optimizer: Optimizer, group: dict[str, Any]) -> None:
