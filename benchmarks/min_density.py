@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import statistics
 import time
 import warnings
@@ -36,7 +37,7 @@ import torchvision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common import command_line, machine, machine_line, markdown_table, publish, silence, trainer
+from common import RESULTS_DIR, command_line, machine, machine_line, markdown_table, publish, silence, trainer
 from lightning_sparse import ST3, SparsityCallback, layer_stats
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 
@@ -227,6 +228,19 @@ def section(rows: Sequence[dict[str, Any]], costs: dict[str, dict[str, float]], 
             step_ms.setdefault(row["model"], 1000 * row["seconds"] / meta["steps"])
     costs_note = ", ".join(f"{name} {ms:.0f} ms" for name, ms in step_ms.items())
     cost_rows = [[name, f"{c['without']:.1f}", f"{c['with']:.1f}"] for name, c in costs.items()]
+    findings = []
+    by_run = {(row["model"], row["lr"], row["variant"]): row for row in rows}
+    for (name, lr, variant), row in by_run.items():
+        dense, floored = by_run.get((name, lr, "dense")), by_run.get((name, lr, variant + "_min_density"))
+        if not variant.startswith("st3") or variant.endswith("min_density") or dense is None or floored is None:
+            continue
+        findings.append(
+            f"- {name}, lr {lr:g}, {LABELS[variant]}: {len(row['fully_pruned'])} layers fully pruned, train loss "
+            f"{row['train_loss']:.3f} (dense {dense['train_loss']:.3f}), held-out {100 * row['test_accuracy']:.1f} % "
+            f"(dense {100 * dense['test_accuracy']:.1f} %); with `min_density={MIN_DENSITY}` "
+            f"{len(floored['fully_pruned'])} fully pruned, train loss {floored['train_loss']:.3f}, held-out "
+            f"{100 * floored['test_accuracy']:.1f} %."
+        )
     return f"""## ST-3 minimum density per layer (`min_density`)
 
 Command: `{meta["command"]}` ({meta["minutes"]:.1f} min wall time, one process, one torch thread).
@@ -245,7 +259,13 @@ linear MACs per sample).
 
 {markdown_table(headers, table)}
 
+{chr(10).join(findings)}
 {chr(10).join(notes)}
+
+ST-3's per-output-channel rescale multiplies a channel by `1.01 / (r + 0.01)`, `r` the fraction of its L1 mass
+kept: up to about 100 for a channel with almost nothing kept, which a layer held at a small minimum has in
+numbers. Compare the rows with and without `rescale=False` before reading a dead layer as the cause of a
+failed run.
 
 Cost of one threshold update at 90 % on each model's weights (`update_thresholds`, median of
 {meta["repeats"]} calls, ms):
@@ -262,7 +282,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help=f"optimizer steps per run (default {STEPS}, 96 with --quick)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--repeats", type=int, default=5, help="threshold updates timed per model")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite RESULTS.md's section from results/min_density.json"
+    )
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((RESULTS_DIR / "min_density.json").read_text())
+        meta = {key: value for key, value in saved.items() if key not in ("update_ms", "runs")}
+        publish("min_density", saved, section(saved["runs"], saved["update_ms"], meta))
+        return
     silence()
     torch.set_num_threads(1)
     steps = args.steps or (96 if args.quick else STEPS)

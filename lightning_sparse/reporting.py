@@ -193,8 +193,9 @@ class SparsityReport:
             f"{step}, every weight zero: {names}. Such a layer's output no longer depends on its input (a "
             "classifier's is constant). One global magnitude threshold empties layers whose weights are small next "
             "to the others' (e.g. initialised at a small std). If that is not intended: keep a minimum per layer "
-            "(ST-3's `min_density`, e.g. 0.01), leave the layer dense with `exclude=[...]`, or lower the target "
-            "sparsity. `sparsity/fully_pruned_layers` logs how many layers are fully pruned."
+            "(ST-3's `min_density`, e.g. 0.01), leave the layer dense with `exclude=[...]`, lower the target "
+            "sparsity, or with ST-3 try `rescale=False` (its channel rescale amplifies nearly emptied channels, which "
+            "can collapse training). `sparsity/fully_pruned_layers` logs how many layers are fully pruned."
         )
 
     def _rank_zero(self, what: str, action: Callable[[], _T]) -> _T | None:
