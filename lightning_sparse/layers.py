@@ -32,6 +32,7 @@ from lightning_sparse.methods.base import (
 
 __all__ = [
     "SPARSIFIABLE_TYPES",
+    "Holder",
     "LayerFilter",
     "SelectedWeight",
     "check_filters",
@@ -65,6 +66,7 @@ _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _ORDER_ATTRIBUTE = "_lightning_sparse_parameter_order"
 
 Holder = tuple[nn.Module, str]
+"""A module and the name of one of its tensors (`"weight"`, `"in_proj_weight"`)."""
 
 
 @dataclass(frozen=True)
