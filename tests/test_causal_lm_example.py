@@ -20,4 +20,4 @@ def test_the_language_model_example_trains_sparse_and_hardens_without_changing_a
     assert figures["sparsity"] == pytest.approx(0.5, abs=1e-3)
     printed = capsys.readouterr().out
     assert "blocks.layers.0.self_attn.in_proj_weight" in printed and "embed" in printed  # the budget table
-    assert "Sample: 'The callback" in printed
+    assert "Sample: " in printed and "The callback" in printed
