@@ -346,3 +346,14 @@ def test_str_warns_at_fit_start_about_a_zero_initialised_weight_it_could_never_t
     with pytest.warns(UserWarning, match=r"all zeros at fit start: 'block.linear2'\. STR gives .* use ST-3"):
         make_trainer(tmp_path, max_epochs=1, callbacks=[callback]).fit(model)
     assert not model.block.linear2.weight.any()  # what the warning is about: it never trained
+
+
+def test_layer_stats_lists_a_third_party_layer_the_forward_multiplies_by_also_after_hardening() -> None:
+    net = nn.Sequential(Conv1D(6, 4), nn.ReLU(), nn.Linear(4, 2))
+    parametrize_weights(
+        select_weights(net, include=[Conv1D, nn.Linear], output_axes={Conv1D: 1}), ST3(0.5).parametrization
+    )
+    x = torch.randn(3, 6)
+    assert [(s.name, s.dense_flops) for s in layer_stats(net, x)] == [("0", 24), ("2", 8)]
+    harden(net)
+    assert [(s.name, s.dense_flops) for s in layer_stats(net, x)] == [("0", 24), ("2", 8)]
