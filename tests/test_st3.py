@@ -382,3 +382,25 @@ def test_fractions_keep_their_order_on_a_one_step_run() -> None:
     # `fast_dev_run`: 0.05 and 0.5 of one step both round to 0; the ramp still ends after it starts.
     run = ST3(0.9, freeze_at=0.9).for_run(total_steps=1)
     assert run.schedule == CubicSchedule(0.9, 0, 1) and run.freeze_at == 1
+
+
+@pytest.mark.parametrize("sigma", [False, True])
+def test_update_serves_the_effective_weight_in_the_memory_of_the_last_one(sigma: bool):
+    # The update computes the next effective weight itself, into the storage of the stale one: the forward after
+    # it computes nothing, and gives exactly what a forward computing from the buffers gives.
+    torch.manual_seed(0)
+    layer = nn.Conv1d(3, 8, 5)
+    st3 = StraightThroughSoftThreshold(layer.weight)
+    parametrize.register_parametrization(layer, "weight", st3)
+    raw = layer.parametrizations.weight.original
+    update_thresholds([st3], [raw], sparsity=0.6, sigma=sigma)
+    storage = layer.weight.data_ptr()
+    for _ in range(3):
+        with torch.no_grad():
+            raw.add_(torch.randn_like(raw) * 0.01)  # an optimizer step
+        update_thresholds([st3], [raw], sparsity=0.6, sigma=sigma)
+        served = layer.weight
+        assert served.data_ptr() == storage
+        st3._effective = None  # what a forward computes from the buffers alone
+        assert torch.equal(served, layer.weight)
+        storage = layer.weight.data_ptr()

@@ -114,14 +114,34 @@ class StraightThroughSoftThreshold(SparseParametrization):
             return cast(Tensor, _StraightThrough.apply(weight, effective))
         # The raw weight changes only at optimizer steps (and the buffers at threshold updates): the effective
         # weight is computed once after each change and served to every forward until the next one.
-        key = (_tensor_key(weight), _tensor_key(self.threshold), _tensor_key(self.scale))
         cache = self._effective
-        if cache is None or cache[0] != key:
+        if cache is None or cache[0] != self._key(weight):
             with torch.no_grad():
-                effective = _soft_threshold(weight.detach(), self.threshold, self.scale)
-            # The key holds the tensors' ids: keep them alive with it, so no other tensor can take their id.
-            cache = self._effective = (key, effective, (weight, self.threshold, self.scale))
+                cache = self._remember(weight, _soft_threshold(weight.detach(), self.threshold, self.scale))
         return cast(Tensor, _StraightThrough.apply(weight, cache[1]))
+
+    def _key(self, weight: Tensor) -> tuple[Any, ...]:
+        return _tensor_key(weight), _tensor_key(self.threshold), _tensor_key(self.scale)
+
+    def _remember(self, weight: Tensor, effective: Tensor) -> tuple[Any, Tensor, tuple[Tensor, ...]]:
+        """Serve `effective` to every forward until `weight` or a buffer changes."""
+        # The key holds the tensors' ids: keep them alive with it, so no other tensor can take their id.
+        self._effective = (self._key(weight), effective, (weight, self.threshold, self.scale))
+        return self._effective
+
+    def magnitude_workspace(self, weight: Tensor) -> Tensor:
+        """`|weight|` in float32, for a threshold update, written into the stale effective weight's storage when
+        that can hold it (a float32 weight): `set_threshold` then turns it into the new effective weight.
+
+        One buffer per weight, reused at every step, instead of two new ones: on CPU a large new tensor is new
+        memory from the OS, paid for in page faults on first touch, at every step.
+        """
+        stale, self._effective = self._effective, None
+        buffer = stale[1] if stale is not None else None
+        wanted = (weight.shape, weight.device, torch.float32, torch.float32)
+        if buffer is None or (buffer.shape, buffer.device, buffer.dtype, weight.dtype) != wanted:
+            return weight.detach().float().abs()
+        return torch.abs(weight.detach(), out=buffer)
 
     @override
     def keep_mask(self, weight: Tensor) -> Tensor:
@@ -149,24 +169,30 @@ class StraightThroughSoftThreshold(SparseParametrization):
 
     @torch.no_grad()
     def set_threshold(
-        self, magnitude: Tensor, threshold: float, width: float = 1.0, total: Tensor | None = None
+        self, weight: Tensor, magnitude: Tensor, threshold: float, width: float = 1.0, total: Tensor | None = None
     ) -> None:
-        """Prune `magnitude` (= |w|, float32) at `threshold / width` and recompute the channel rescale.
+        """Prune `weight` at `threshold / width`, from `magnitude` (= |w|, float32), and recompute the channel rescale.
 
         `width` is ST-3σ's normalisation: the mask compares `magnitude * width` with `threshold` exactly
         as the global selection did (`magnitude > threshold / width` rounds differently at the boundary).
-        `total` is `channel_totals(magnitude)`, if already computed.
+        `total` is `channel_totals(magnitude)`, if already computed. `magnitude` is consumed: a float32
+        weight's new effective weight is computed into its storage, ready for the next forward.
         """
         self.threshold.fill_(threshold / width)
         torch.gt(magnitude * width if width != 1.0 else magnitude, threshold, out=self.mask)
         if self.rescale:
             total = channel_totals(magnitude, self.output_axis) if total is None else total
-            kept = channel_totals(magnitude * self.mask, self.output_axis)
+            kept = channel_totals(magnitude.mul_(self.mask), self.output_axis)
             # The paper code's 1.01 / (r + 0.01): about 1/r, bounded when a channel is fully pruned; its 1e-6 is
             # added to each L1 *mean* over the channel, so here to each sum times the channel's size.
             epsilon = 1e-6 * magnitude.numel() / max(magnitude.shape[self.output_axis], 1)
             kept_fraction = (kept + epsilon) / (total + epsilon)
             torch.div(1.01, kept_fraction + 0.01, out=self.scale)
+        if weight.dtype == torch.float32 and magnitude.shape == weight.shape:
+            # What `forward` computes, in one pass instead of two and in memory already there: softshrink is
+            # `sign(w) * relu(|w| - t)` bit for bit (t, a Python float, rounds to the float32 buffer's value).
+            effective = torch.ops.aten.softshrink.out(weight.detach(), threshold / width, out=magnitude)
+            self._remember(weight, effective.mul_(self.scale))
 
     @torch.no_grad()
     def freeze(self, weight: Tensor) -> None:
@@ -238,10 +264,8 @@ def update_thresholds(
         >>> st3.mask.sum().item()
         7
     """
-    for layer in layers:
-        # The thresholds change now, so the cached effective weights are stale: free them before taking |w|.
-        layer._effective = None
-    magnitudes = [w.detach().float().abs() for w in weights]
+    # The thresholds change now: the cached effective weights are stale, and their memory holds |w|.
+    magnitudes = [layer.magnitude_workspace(w) for layer, w in zip(layers, weights, strict=True)]
     # The rescale's per-channel L1 mass, or else the layer's: NaN or inf anywhere in a layer makes its sum
     # non-finite, so the check costs no pass over the weights with the rescale on, and one host sync in all.
     totals = [
@@ -258,8 +282,10 @@ def update_thresholds(
     sizes = [w.numel() for w in weights]
     check_min_density(sizes, sparsity, min_density)
     tau, thresholds = floored_magnitude_thresholds(magnitudes, sparsity, min_kept_per_layer(sizes, min_density), scales)
-    for layer, magnitude, threshold, scale, total in zip(layers, magnitudes, thresholds, scales, totals, strict=True):
-        layer.set_threshold(magnitude, threshold, scale, total=total if layer.rescale else None)
+    for layer, weight, magnitude, threshold, scale, total in zip(
+        layers, weights, magnitudes, thresholds, scales, totals, strict=True
+    ):
+        layer.set_threshold(weight, magnitude, threshold, scale, total=total if layer.rescale else None)
     return tau
 
 
