@@ -184,6 +184,9 @@ def average_gradient_over(parameter: Tensor, group: Group) -> None:
 
     For a parameter every rank holds in full (STR's threshold `s`) that FSDP2 does not manage: each rank's
     gradient comes from its own batch, and without the average the ranks' copies would drift apart.
+
+    Example:
+        >>> average_gradient_over(torch.nn.Parameter(torch.zeros(())), None)  # not sharded: nothing to average
     """
     if group is None:
         return
@@ -204,6 +207,9 @@ def retarget_fsdp_params(model: nn.Module) -> None:
     gathered or sharded parameter there around each forward. Registering a parametrization moves a weight
     to `module.parametrizations.<name>.original` (and removing it moves it back): call this after either,
     so the parametrization computes on the gathered weight. A no-op on a model without FSDP2 modules.
+
+    Example:
+        >>> retarget_fsdp_params(nn.Linear(2, 2))  # no FSDP2 module: nothing to retarget
     """
     from torch.distributed.fsdp import FSDPModule
 

@@ -16,11 +16,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 from fsdp_fit import METHODS, N_WEIGHTS, TARGET, ShardedNet
 from lightning_sparse import SparsityCallback
 from lightning_sparse.checkpoint import harden_state_dict
+from lightning_sparse.layers import select_weights
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold, calibrate_thresholds
 from lightning_sparse.sharding import local_shard
@@ -37,9 +40,9 @@ def _inputs() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(rows, cols, generator=generator) * scale for rows, cols, scale in
                [(301, 256, 1.0), (97, 512, 0.3), (5, 7, 2.0), (1001, 64, 0.5)]]  # fmt: skip
-    # 2 x 2^16 x 4 entries: stride 4, and each rank's shard of rows starts at a multiple of 4 entries.
-    tricky = torch.rand(2 * 65536 * 4, generator=generator) + 1.0
-    tricky[::4] = 0.0
+    # 2 x 2^16 x 2 entries: stride 2, and each rank's shard of rows starts at an even entry.
+    tricky = torch.rand(2 * 65536 * 2, generator=generator) + 1.0
+    tricky[::2] = 0.0
     return weights, [tricky.reshape(-1, 8)]
 
 
@@ -50,7 +53,7 @@ def _selections(weights: list[torch.Tensor], tricky: list[torch.Tensor]) -> dict
     group = dist.group.WORLD if dist.is_initialized() else None
     n = sum(w.numel() for w in weights)
     results["kth"] = [kth_smallest(magnitudes, k, scales=[1.0, 2.0, 0.5, 1.5], group=group) for k in (1, 7, n // 3, n)]
-    results["tricky"] = [kth_smallest([local_shard(t) for t in tricky], k, group=group) for k in (10, 300_000)]
+    results["tricky"] = [kth_smallest([local_shard(t) for t in tricky], k, group=group) for k in (10, 200_000)]
     results["floored"] = floored_magnitude_thresholds(magnitudes, 0.95, [0, 100, 5, 0], group=group)
     st3 = [StraightThroughSoftThreshold(w) for w in weights]
     results["st3_tau"] = update_thresholds(st3, weights, 0.9, sigma=True, min_density=0.01)
@@ -73,6 +76,17 @@ def _sharded_selections(rank: int, port: int, out: Path) -> None:
     shard = [distribute_tensor(w, mesh, [Shard(0)]) for w in weights]
     results = _selections(shard, [distribute_tensor(t, mesh, [Shard(0)]) for t in tricky])
     results["local_sizes"] = [local_shard(w).numel() for w in shard]
+    # Refused by name before anything changes: state that cannot be sharded like its weight, and a mix of sharded
+    # and unsharded sparsified weights.
+    net = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    fully_shard(net[0], mesh=mesh)
+    refusals = []
+    for model, kwargs in ((net[0], {"output_axes": {nn.Linear: 1}}), (net, {})):
+        try:
+            select_weights(model, **kwargs)
+        except ValueError as error:
+            refusals.append(str(error))
+    results["refusals"] = refusals
     torch.save(results, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -90,6 +104,10 @@ def test_sharded_selection_and_state_match_one_process_exactly(tmp_path: Path) -
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
     weights, _ = _inputs()
     for rank in ranks:
+        refusals = rank.pop("refusals")
+        assert len(refusals) == 2
+        assert "'': its output channels run along axis 1, and FSDP2 shards axis 0" in refusals[0]
+        assert "must all be sharded over one device mesh, or none of them" in refusals[1]
         # Each rank stores half its rows of each weight, not a full copy.
         assert [sum(r["local_sizes"][i] for r in ranks) for i in range(len(weights))] == [w.numel() for w in weights]
         for key, value in expected.items():
