@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -39,6 +40,7 @@ from lightning_sparse.methods import SparsityMethod, make_method
 from lightning_sparse.methods.base import SparseLayers
 from lightning_sparse.reporting import SparsityReport
 from lightning_sparse.schedules import Schedule
+from lightning_sparse.sharding import retarget_fsdp_params
 from lightning_sparse.stats import sparsified_fraction
 
 __all__ = ["SparsityCallback"]
@@ -145,6 +147,13 @@ class SparsityCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "SparsityCallback does not support `FSDPStrategy` (FSDP1, which flattens the weights into one "
+                "parameter, so no weight can be reparameterized; and it needs a GPU, where this is untested). Use "
+                "`ModelParallelStrategy` and shard the model with FSDP2's `fully_shard` in your LightningModule's "
+                "`configure_model` (see the README's 'Running at scale'), or `strategy='ddp'`"
+            )
         # Lightning restores a checkpoint's module state after `setup` and `configure_model` and before any
         # callback state: the restore calls this hook first, so a resume is checked before anything loads.
         self._hooked = pl_module
@@ -192,6 +201,7 @@ class SparsityCallback(Callback):
                 )
             return existing
         self._added = parametrize_weights(layers, self._run_method().parametrization)
+        retarget_fsdp_params(pl_module)  # a weight FSDP2 shards now lives in its parametrization
         return sparsity_parametrizations(pl_module)
 
     @override
@@ -269,6 +279,7 @@ class SparsityCallback(Callback):
                     "parameter identity instead (`module.parametrizations.weight.original` is the raw weight)."
                 )
             unparametrize(self._added)  # nothing trained: give the model back as it came
+            retarget_fsdp_params(pl_module)
             self._layers, self._added = {}, []
         elif self._layers:
             rank_zero_warn(
@@ -334,6 +345,7 @@ class SparsityCallback(Callback):
             changes = check_resume(saved, self._resume_settings(sorted(self._layers)), must_keep)
         except ValueError as error:
             unparametrize(self._added)  # give the model back as it came
+            retarget_fsdp_params(module)
             self._layers, self._added = {}, []
             raise ValueError(f"Cannot resume from {trainer.ckpt_path} (nothing was loaded): {error}") from None
         if changes:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lightning_sparse.layers import check_removable, remove_parametrization, sparsity_parametrizations
+from lightning_sparse.sharding import retarget_fsdp_params
 
 __all__ = ["harden"]
 
@@ -29,6 +30,10 @@ def harden(module: _ModuleT) -> _ModuleT:
     it (which lightning-sparse never stacks on) would have to be baked in too: that raises a `ValueError`
     before anything changes.
 
+    A model sharded with FSDP2's `fully_shard` is hardened shard by shard, each rank baking its own rows;
+    it stays sharded, and its full state dict (`torch.distributed.checkpoint.state_dict.get_model_state_dict`
+    with `full_state_dict=True`) loads into the unmodified model.
+
     Example:
         >>> from torch.nn.utils import parametrize
         >>> from lightning_sparse.methods.str_method import LearnedSoftThreshold
@@ -45,4 +50,6 @@ def harden(module: _ModuleT) -> _ModuleT:
         # Holders of a tied weight share its raw tensor: baked in by the first, it is the effective one for the rest.
         for i, (layer, tensor_name) in enumerate(weight.holders):
             remove_parametrization(layer, tensor_name, bake=i == 0)
+    if layers:
+        retarget_fsdp_params(module)  # FSDP2 swaps each weight on its module again
     return module

@@ -29,6 +29,7 @@ from lightning_sparse.methods.base import (
     parametrizations_of,
     weight_name,
 )
+from lightning_sparse.sharding import check_shardable, shard_group
 
 __all__ = [
     "SPARSIFIABLE_TYPES",
@@ -230,8 +231,9 @@ def select_weights(
     A selected weight that cannot be sparsified is an error naming it, before anything changes: a
     1-D tensor (a norm layer's scale: ST-3's rescale is per output channel, and sparsifying a norm is
     not what either paper does), a weight that `torch.nn.utils.spectral_norm` or `weight_norm`
-    recompute before each forward (a hook, which would overwrite a reparameterization), and a lazy
-    module's weight before its first forward. No parametrization is run (a spectral norm's power
+    recompute before each forward (a hook, which would overwrite a reparameterization), a lazy
+    module's weight before its first forward, and a weight sharded other than FSDP2's default way
+    (`lightning_sparse.sharding.check_shardable`). No parametrization is run (a spectral norm's power
     iteration would update its state).
 
     Example:
@@ -297,6 +299,7 @@ def select_weights(
             f"Cannot sparsify these weights, which `include`/`exclude` select:\n{reasons}\n"
             f"Leave them dense with `exclude={list(problems)!r}` (added to any other `exclude`), or narrow `include`."
         )
+    shard_group([stored_tensor(*weight.holders[0]) for weight in selected.values()])  # raises unless sharded alike
     return selected
 
 
@@ -336,7 +339,7 @@ def _unsparsifiable(module: nn.Module, tensor_name: str, output_axis: int) -> st
         )
     if not 0 <= output_axis < weight.dim():
         return f"`output_axes` gives it output axis {output_axis}, but it has {weight.dim()} dimensions"
-    return None
+    return check_shardable(weight, output_axis)
 
 
 def sparsity_parametrizations(model: nn.Module) -> SparseLayers:
@@ -457,16 +460,17 @@ def remove_parametrization(module: nn.Module, tensor_name: str, bake: bool) -> N
     """
     check_removable(type(module).__name__, module, tensor_name)
     stack = parametrizations_of(module, tensor_name)
+    # Baked into the raw weight in place, so it stays the same `Parameter` (the optimizer's, and FSDP2's shard).
+    if bake:
+        with torch.no_grad():
+            stack.original.copy_(stack[0](stack.original))
     if len(stack) > 1:
         # Someone else's parametrizations come after ours: take ours out of the chain, theirs then see the raw
         # weight, which holds what ours made of it if `bake`.
-        if bake:
-            with torch.no_grad():
-                stack.original.copy_(stack[0](stack.original))
         del stack[0]
         return
     order = getattr(stack, _ORDER_ATTRIBUTE, (tensor_name,))
-    parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=bake)
+    parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
     # Removal re-registers the tensor last; put it back where it was.
     position = {name: i for i, name in enumerate(order)}
     module._parameters = dict(sorted(module._parameters.items(), key=lambda item: position.get(item[0], len(order))))

@@ -19,6 +19,9 @@ What rank zero alone does (logging, the table, the plot, the W&B table) never st
 there becomes a warning, once per kind, so that the ranks of a distributed run end the same way. What
 must stop a run is decided by every rank together: sparsified weights that hold NaN or inf, which are
 never reported as sparsity, raise `NonFiniteWeightsError` on all ranks at the next log.
+
+Counts are global: under sharding (FSDP2) every rank counts the non-zeros of its shards and the counts are
+summed over the ranks (`sparse_stats`), so every rank takes part and rank zero writes the totals.
 """
 
 from __future__ import annotations
@@ -118,12 +121,12 @@ class SparsityReport:
         if trainer.global_step % every:
             return
         _check_finite(trainer, layers)
-        if trainer.is_global_zero:
-            stats = self._rank_zero(
-                "count the sparsified weights' non-zeros", lambda: sparse_stats(pl_module, self._dense or {})
-            )
-            if stats is not None:
-                self._log(trainer, stats, layers, method_metrics)
+        # Every rank counts: the counts of a sharded model are summed over the ranks' shards.
+        stats = self._rank_zero(
+            "count the sparsified weights' non-zeros", lambda: sparse_stats(pl_module, self._dense or {})
+        )
+        if stats is not None and trainer.is_global_zero:
+            self._log(trainer, stats, layers, method_metrics)
 
     def on_train_end(
         self,
@@ -137,12 +140,10 @@ class SparsityReport:
         the sparsified layers have no entries)."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         _check_finite(trainer, layers)
-        if not trainer.is_global_zero:
-            return None
         stats = self._rank_zero(
             "count the sparsified weights' non-zeros", lambda: sparse_stats(pl_module, self._dense or {})
         )
-        if stats is None:
+        if stats is None or not trainer.is_global_zero:
             return None
         if layers and (not self._history or self._history[-1][0] != trainer.global_step):
             # So the last logged values are the final model's, whatever the logging interval.

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils.flop_counter import flop_registry
 from typing_extensions import override
 
@@ -44,6 +44,7 @@ from lightning_sparse.layers import (
     tensor_holders,
 )
 from lightning_sparse.methods.base import SparseLayers, SparseParametrization, parametrizations_of, weight_name
+from lightning_sparse.sharding import all_sum, is_sharded, local_shard, shard_group
 from lightning_sparse.thresholds import count_non_finite
 
 __all__ = ["LayerStats", "dense_flops", "layer_stats", "non_finite_weights", "sparse_stats", "sparsified_fraction"]
@@ -160,14 +161,15 @@ class _WeightProducts(TorchDispatchMode):
         self._alive: list[Tensor] = []
 
     def note(self, tensor: Tensor, name: str) -> None:
-        # Weights have two or more dimensions: a bias, also an input of `addmm`, is not charged.
-        if tensor.numel() and tensor.dim() >= 2:
+        # Weights have two or more dimensions: a bias, also an input of `addmm`, is not charged. A tensor subclass
+        # (a `DTensor` shard under FSDP2, a collective's result) has no storage of its own.
+        if tensor.numel() and tensor.dim() >= 2 and not is_traceable_wrapper_subclass(tensor):
             self.weights[tensor.untyped_storage().data_ptr()] = name
             # Held until the count ends: a freed weight's memory could hold the next one under the same address.
             self._alive.append(tensor)
 
     def _name(self, value: Any) -> str | None:
-        if isinstance(value, Tensor) and value.numel():
+        if isinstance(value, Tensor) and value.numel() and not is_traceable_wrapper_subclass(value):
             return self.weights.get(value.untyped_storage().data_ptr())
         return None
 
@@ -213,24 +215,33 @@ def sparse_stats(module: nn.Module, dense: Mapping[str, int]) -> list[LayerStats
     for name, ((layer, tensor_name), parametrization) in layers.items():
         if parametrization is None:
             weights[name] = _dense_weight(layer, tensor_name)
-            counts.append(torch.count_nonzero(weights[name]))  # a NaN is not a zero
+            counts.append(torch.count_nonzero(local_shard(weights[name])))  # a NaN is not a zero
         else:
             # Reading the parametrized tensor would compute the effective weight; the mask is cheap.
             weights[name] = parametrizations_of(layer, tensor_name).original.detach()
-            counts.append(parametrization.keep_mask(weights[name]).sum())
+            counts.append(local_shard(parametrization.keep_mask(weights[name])).sum())
         # Non-finite if any entry is: a reduction, no copy of the weight.
-        sums.append(weights[name].sum(dtype=torch.float32))
+        sums.append(local_shard(weights[name]).sum(dtype=torch.float32))
     # One host sync for all layers rather than one per layer.
-    values = torch.stack([t.double() for t in (*counts, *sums)]).tolist() if counts else []
-    nonzeros = dict(zip(weights, map(int, values[: len(counts)]), strict=True))
-    totals = dict(zip(weights, values[len(counts) :], strict=True))
+    values = torch.stack([t.double() for t in (*counts, *sums)]) if counts else torch.zeros(0)
+    # Sharded weights (FSDP2): each rank counted its shards; one all-reduce makes the counts global, on every rank.
+    group = shard_group([w for w in weights.values() if is_sharded(w)])
+    sharded = torch.tensor([is_sharded(w) for w in weights.values()] * 2, dtype=torch.bool, device=values.device)
+    if group is not None:
+        values = torch.where(sharded, all_sum(values * sharded, group), values)
+    nonzeros = dict(zip(weights, map(int, values[: len(counts)].tolist()), strict=True))
+    totals = dict(zip(weights, values[len(counts) :].tolist(), strict=True))
     # Rare: exact counts, and for a reparameterized layer its non-finite entries among the non-zeros.
-    non_finite = count_non_finite({name: w for name, w in weights.items() if not math.isfinite(totals[name])})
+    non_finite = count_non_finite(
+        {name: local_shard(w) for name, w in weights.items() if not math.isfinite(totals[name])}
+    )
     for name in non_finite:
         parametrization = layers[name][1]
         if parametrization is not None:
-            weight = weights[name]
-            nonzeros[name] = int((parametrization.keep_mask(weight) | ~torch.isfinite(weight)).sum())
+            weight = local_shard(weights[name])
+            nonzeros[name] = int(
+                (local_shard(parametrization.keep_mask(weights[name])) | ~torch.isfinite(weight)).sum()
+            )
     return [
         LayerStats(name, tuple(weight.shape), weight.numel(), nonzeros[name], dense.get(name, 0), bad)
         for (name, weight), bad in zip(weights.items(), (non_finite.get(n, (0, 0))[0] for n in weights), strict=True)
@@ -302,7 +313,7 @@ def non_finite_weights(layers: SparseLayers) -> dict[str, tuple[int, int]]:
         >>> non_finite_weights({"fc": SparseWeight(str_, ((layer, "weight"),))})
         {'fc': (1, 4)}
     """
-    weights = {name: weight.raw.detach() for name, weight in layers.items()}
+    weights = {name: local_shard(weight.raw.detach()) for name, weight in layers.items()}
     if not weights:
         return {}
     finite = torch.stack([torch.isfinite(w.sum(dtype=torch.float32)) for w in weights.values()]).tolist()

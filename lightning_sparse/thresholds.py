@@ -1,6 +1,31 @@
 """Global magnitude threshold: the budget distribution of ST-3 (one quantile over all layers), optionally with a
 minimum number of weights kept in every layer, and the error for weights no threshold or sparsity can be taken of
-(NaN, inf)."""
+(NaN, inf).
+
+Every threshold here is one exact selection, `kth_smallest`: the k-th smallest of all values of all layers
+(ST-3's magnitudes, ST-3σ's width-normalised ones, one layer's for a `min_density` floor, STR's logit keys).
+Small inputs are selected directly. Above 2 x 2^16 elements:
+
+1. **Sample.** Every `stride`-th element of each layer (`stride = n // 2^16`): about 2^16 values.
+2. **Bracket.** The sample's order statistics at `k/n` plus and minus a 5-sigma binomial margin give
+   `lo <= hi` that hold the k-th smallest value of all with near certainty.
+3. **Count and select.** One pass counts the elements below `lo` and keeps those inside `[lo, hi]` (about
+   1 % of them at 2^16 samples); the k-th smallest of all is the `(k - below)`-th smallest inside, selected
+   exactly. If the bracket missed (`k` not in `(below, below + inside]`), the selection is over all values.
+
+Sharded (FSDP2: each rank holds a shard of every weight, `group` is their process group), the same three
+steps run on each rank's shards with collectives in between, and no rank ever gathers the weights:
+
+1. each rank samples its shards; the samples are all-gathered (concatenated in rank order): `2^16` values
+   in all, the same on every rank, so every rank computes the same `lo` and `hi`;
+2. the counts below and inside are all-reduced (two integers);
+3. the values inside the bracket are all-gathered (about 1 % of all, split over the ranks) and selected.
+   If the bracket missed, each rank keeps only its values on the side of the bracket that holds the k-th and
+   the selection repeats on those (a new sample, a new bracket), never over all values.
+
+Communication per selection is the sample, two counts and the bracket; the result is exact, deterministic (no
+RNG) and bit-identical on every rank, and on one process the same value as a plain `kthvalue`.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +35,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_sparse.sharding import Group, all_gather_cat, all_sum
+
 __all__ = [
     "NonFiniteWeightsError",
     "count_non_finite",
     "floored_magnitude_thresholds",
     "global_magnitude_threshold",
+    "kth_smallest",
     "min_kept_per_layer",
 ]
 
@@ -63,13 +91,14 @@ def count_non_finite(weights: Mapping[str, Tensor]) -> dict[str, tuple[int, int]
 
 
 def global_magnitude_threshold(
-    magnitudes: Sequence[Tensor], sparsity: float, scales: Sequence[float] | None = None
+    magnitudes: Sequence[Tensor], sparsity: float, scales: Sequence[float] | None = None, group: Group = None
 ) -> float:
     """Return `tau` such that a `sparsity` fraction of all `magnitudes[i] * scales[i]` is `<= tau`.
 
     Exact: pruning every element with `magnitude * scale <= tau` zeroes `round(sparsity * n)`
     elements (plus exact ties). Returns 0.0 for zero sparsity. Deterministic, and it does not
-    touch the global RNG, so DDP ranks and resumed runs agree.
+    touch the global RNG, so DDP ranks and resumed runs agree. With a process `group`, `magnitudes` are
+    this rank's shards and `n` counts every rank's (see the module's docstring).
 
     Example:
         >>> global_magnitude_threshold([torch.tensor([3.0, 1.0]), torch.tensor([2.0, 4.0])], 0.5)
@@ -78,8 +107,8 @@ def global_magnitude_threshold(
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
     scales = list(scales) if scales is not None else [1.0] * len(magnitudes)
-    k = round(sparsity * sum(m.numel() for m in magnitudes))
-    return _kth_smallest_bracketed(magnitudes, scales, k) if k else 0.0
+    k = round(sparsity * _global_numel(magnitudes, group))
+    return _kth_smallest_bracketed(magnitudes, scales, k, group) if k else 0.0
 
 
 def min_kept_per_layer(sizes: Sequence[int], min_density: float) -> list[int]:
@@ -94,7 +123,11 @@ def min_kept_per_layer(sizes: Sequence[int], min_density: float) -> list[int]:
 
 
 def floored_magnitude_thresholds(
-    magnitudes: Sequence[Tensor], sparsity: float, min_kept: Sequence[int], scales: Sequence[float] | None = None
+    magnitudes: Sequence[Tensor],
+    sparsity: float,
+    min_kept: Sequence[int],
+    scales: Sequence[float] | None = None,
+    group: Group = None,
 ) -> tuple[float, list[float]]:
     """The global threshold `tau` and each layer's threshold, so that pruning `magnitude * scale <= threshold` in
     every layer prunes `round(sparsity * n)` of all `n` elements (up to exact ties) while layer `i` keeps at least
@@ -115,7 +148,8 @@ def floored_magnitude_thresholds(
     `global_magnitude_threshold`) and one counting pass; each floored layer, one selection of its own. No sort.
     With no floors (all zero) it is `global_magnitude_threshold`, at the same cost.
 
-    Thresholds are in the units of `magnitude * scale`; a layer that keeps everything gets 0.0.
+    Thresholds are in the units of `magnitude * scale`; a layer that keeps everything gets 0.0. With a process
+    `group`, `magnitudes` are this rank's shards, and sizes, counts and selections are over every rank's.
 
     Example:
         >>> small, large = torch.tensor([0.25, 0.5, 0.75]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
@@ -125,7 +159,7 @@ def floored_magnitude_thresholds(
         (2.0, [0.5, 2.0])
     """
     scales = list(scales) if scales is not None else [1.0] * len(magnitudes)
-    sizes = [m.numel() for m in magnitudes]
+    sizes = _global_sizes(magnitudes, group)
     if len(min_kept) != len(sizes) or any(not 0 <= f <= n for f, n in zip(min_kept, sizes, strict=True)):
         raise ValueError(f"min_kept must give each layer a count in [0, its size {sizes}], got {list(min_kept)}")
     if not 0.0 <= sparsity < 1.0:
@@ -143,50 +177,96 @@ def floored_magnitude_thresholds(
         # What the layers not floored must prune so that, with the floored layers at their floors, `kept` remain.
         prune = sum(sizes[i] for i in rest) - (kept - sum(min_kept[i] for i in floored))
         if prune > 0:
-            tau = _kth_smallest_bracketed([magnitudes[i] for i in rest], [scales[i] for i in rest], prune)
+            tau = _kth_smallest_bracketed([magnitudes[i] for i in rest], [scales[i] for i in rest], prune, group)
         else:  # Only through exact ties at a threshold: the others keep everything, or every layer is floored.
             tau = max([0.0, *floored.values()]) if not rest else 0.0
         candidates = [i for i in rest if min_kept[i]]
         if not candidates:
             break
-        counts = torch.stack([torch.count_nonzero(_scaled(magnitudes[i], scales[i]) > tau) for i in candidates])
+        counts = all_sum(
+            torch.stack([torch.count_nonzero(_scaled(magnitudes[i], scales[i]) > tau) for i in candidates]), group
+        )
         below = [i for i, count in zip(candidates, counts.tolist(), strict=True) if count < min_kept[i]]
         if not below:
             break
         for i in below:
             prune_own = sizes[i] - min_kept[i]
-            floored[i] = _kth_smallest_bracketed([magnitudes[i]], [scales[i]], prune_own) if prune_own else 0.0
+            floored[i] = _kth_smallest_bracketed([magnitudes[i]], [scales[i]], prune_own, group) if prune_own else 0.0
     return tau, [floored.get(i, tau) for i in range(len(sizes))]
 
 
 def _scaled(magnitude: Tensor, scale: float) -> Tensor:
-    """`magnitude * scale` in float32, computed as the selection and ST-3's masks compute it."""
-    return magnitude.float() * scale if scale != 1.0 else magnitude.float()
+    """`magnitude * scale` in float32 (float64 stays float64), computed as the selection and ST-3's masks compute it."""
+    magnitude = _promoted(magnitude)
+    return magnitude * scale if scale != 1.0 else magnitude
 
 
-def _kth_smallest_bracketed(magnitudes: Sequence[Tensor], scales: Sequence[float], k: int) -> float:
-    """The `k`-th smallest (from 1) of all `magnitudes[i] * scales[i]`, without selecting over all of them."""
-    total = sum(m.numel() for m in magnitudes)
+def _promoted(values: Tensor) -> Tensor:
+    """`values` in float32, or float64 if they are (STR's keys): the precision every selection computes in."""
+    return values if values.dtype == torch.float64 else values.float()
+
+
+def kth_smallest(values: Sequence[Tensor], k: int, scales: Sequence[float] | None = None, group: Group = None) -> float:
+    """The `k`-th smallest (from 1) of all `values[i] * scales[i]`, exact, without selecting over all of them.
+
+    With a process `group`, `values` are this rank's shards and the selection is over every rank's, with
+    the same result on every rank; no rank gathers more than a sample and a bracket (see the module's
+    docstring). Computed in float32 (float64 values stay float64). Deterministic: no RNG.
+
+    Example:
+        >>> kth_smallest([torch.tensor([3.0, 1.0]), torch.tensor([2.0, 4.0])], 3)
+        3.0
+    """
+    scales = list(scales) if scales is not None else [1.0] * len(values)
+    return _kth_smallest_bracketed(values, scales, k, group)
+
+
+def _kth_smallest_bracketed(values: Sequence[Tensor], scales: Sequence[float], k: int, group: Group) -> float:
+    """The `k`-th smallest (from 1) of all `values[i] * scales[i]` over the ranks of `group`."""
+    total = _global_numel(values, group)
     stride = total // _SAMPLE_SIZE
     if stride < 2:
-        return _kth_smallest(magnitudes, scales, k)
+        return _kth_smallest(values, scales, k, group)
 
-    sample = torch.cat([m.flatten()[::stride].float() * s for m, s in zip(magnitudes, scales, strict=True)])
+    local = [_promoted(v.flatten()[::stride]) * s for v, s in zip(values, scales, strict=True)]
+    sample = all_gather_cat(torch.cat(local), group)
     m = sample.numel()
     q = k / total
     # A 5-sigma binomial margin: the bracket misses the true quantile about once in a million calls,
-    # and then the exact full selection below still gives the right answer.
+    # and then the selection below still gives the right answer.
     margin = 5.0 * math.sqrt(q * (1.0 - q) / m) + 1.0 / m
     lo_rank, hi_rank = math.floor((q - margin) * m), math.ceil((q + margin) * m)
     lo = sample.kthvalue(lo_rank).values.item() if lo_rank >= 1 else -math.inf
     hi = sample.kthvalue(hi_rank).values.item() if hi_rank <= m else math.inf
-    below = sum(int(torch.count_nonzero(mag < lo / s)) for mag, s in zip(magnitudes, scales, strict=True))
-    inside = [mag[(mag >= lo / s) & (mag <= hi / s)] for mag, s in zip(magnitudes, scales, strict=True)]
-    if below < k <= below + sum(x.numel() for x in inside):
-        return _kth_smallest(inside, scales, k - below)
-    return _kth_smallest(magnitudes, scales, k)
+    below = sum(int(torch.count_nonzero(v < lo / s)) for v, s in zip(values, scales, strict=True))
+    inside = [v[(v >= lo / s) & (v <= hi / s)] for v, s in zip(values, scales, strict=True)]
+    counts = torch.tensor([below, sum(x.numel() for x in inside)], device=values[0].device)
+    n_below, n_inside = all_sum(counts, group).tolist()
+    if n_below < k <= n_below + n_inside:
+        return _kth_smallest(inside, scales, k - n_below, group)
+    if group is None:
+        return _kth_smallest(values, scales, k, group)
+    # Sharded, the bracket missed (as rarely as above): select again among the values on the side of the
+    # bracket that holds the k-th, which each rank filters from its shards; never a gather of all values.
+    if k <= n_below:
+        return _kth_smallest_bracketed([v[v < lo / s] for v, s in zip(values, scales, strict=True)], scales, k, group)
+    above = [v[v > hi / s] for v, s in zip(values, scales, strict=True)]
+    return _kth_smallest_bracketed(above, scales, k - n_below - n_inside, group)
 
 
-def _kth_smallest(values: Sequence[Tensor], scales: Sequence[float], k: int) -> float:
-    flat = torch.cat([v.flatten().float() * s for v, s in zip(values, scales, strict=True)])
-    return flat.kthvalue(k).values.item()
+def _kth_smallest(values: Sequence[Tensor], scales: Sequence[float], k: int, group: Group) -> float:
+    flat = torch.cat([_promoted(v.flatten()) * s for v, s in zip(values, scales, strict=True)])
+    return all_gather_cat(flat, group).kthvalue(k).values.item()
+
+
+def _global_numel(values: Sequence[Tensor], group: Group) -> int:
+    """How many elements `values` hold over all ranks of `group`."""
+    return sum(_global_sizes(values, group))
+
+
+def _global_sizes(values: Sequence[Tensor], group: Group) -> list[int]:
+    """How many elements each of `values` holds over all ranks of `group`: one all-reduce for all."""
+    sizes = [v.numel() for v in values]
+    if group is None or not values:
+        return sizes
+    return [int(n) for n in all_sum(torch.tensor(sizes, device=values[0].device), group).tolist()]

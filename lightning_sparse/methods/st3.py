@@ -24,6 +24,7 @@ from lightning_sparse.schedules import (
     resolve_ramp,
     to_step,
 )
+from lightning_sparse.sharding import all_sum, full_like, is_sharded, local_shard, shard_group, shard_like
 from lightning_sparse.thresholds import (
     NonFiniteWeightsError,
     count_non_finite,
@@ -75,7 +76,8 @@ class StraightThroughSoftThreshold(SparseParametrization):
     `t` (the layer's threshold), the keep mask and the per-output-channel rescale `c` are buffers
     set by `update_thresholds` after each optimizer step. Once frozen, the forward is `w * mask`
     with the true gradient, so only surviving weights train. `output_axis` is where the output
-    channels run: 0 for torch's layers, 1 for a `ConvTranspose` or a Hugging Face `Conv1D`.
+    channels run: 0 for torch's layers, 1 for a `ConvTranspose` or a Hugging Face `Conv1D`. On a weight
+    sharded by FSDP2 (a `DTensor`), the mask and rescale are sharded like it (`lightning_sparse.sharding`).
 
     Example:
         >>> from torch.nn.utils import parametrize
@@ -97,20 +99,24 @@ class StraightThroughSoftThreshold(SparseParametrization):
         self.output_axis = output_axis
         self.frozen = False
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=weight.device))
-        self.register_buffer("mask", torch.ones_like(weight, dtype=torch.bool))
-        scale_shape = [1] * weight.dim()
-        scale_shape[output_axis] = weight.shape[output_axis]
-        self.register_buffer("scale", torch.ones(scale_shape, dtype=torch.float32, device=weight.device))
+        local = local_shard(weight)
+        self.register_buffer("mask", shard_like(torch.ones_like(local, dtype=torch.bool), weight, weight.shape))
+        scale_shape, local_shape = [1] * weight.dim(), [1] * weight.dim()
+        scale_shape[output_axis], local_shape[output_axis] = weight.shape[output_axis], local.shape[output_axis]
+        scale = torch.ones(local_shape, dtype=torch.float32, device=local.device)
+        self.register_buffer("scale", shard_like(scale, weight, scale_shape))
         # (key, effective weight, the tensors the key names) of the last forward; see `forward`.
         self._effective: tuple[Any, Tensor, tuple[Tensor, ...]] | None = None
 
     @override
     def forward(self, weight: Tensor) -> Tensor:
         if self.frozen:
-            return weight * self.mask
-        if torch.compiler.is_compiling():
+            return weight * full_like(self.mask, weight)
+        # Sharded, the forward gets the gathered weight, which FSDP2 frees after it: a cached effective weight
+        # would keep a full copy of it alive on every rank.
+        if torch.compiler.is_compiling() or is_sharded(self.scale):
             with torch.no_grad():
-                effective = _soft_threshold(weight.detach(), self.threshold, self.scale)
+                effective = _soft_threshold(weight.detach(), self.threshold, full_like(self.scale, weight))
             return cast(Tensor, _StraightThrough.apply(weight, effective))
         # The raw weight changes only at optimizer steps (and the buffers at threshold updates): the effective
         # weight is computed once after each change and served to every forward until the next one.
@@ -175,20 +181,22 @@ class StraightThroughSoftThreshold(SparseParametrization):
 
         `width` is ST-3σ's normalisation: the mask compares `magnitude * width` with `threshold` exactly
         as the global selection did (`magnitude > threshold / width` rounds differently at the boundary).
-        `total` is `channel_totals(magnitude)`, if already computed. `magnitude` is consumed: a float32
-        weight's new effective weight is computed into its storage, ready for the next forward.
+        `total` is `channel_totals(magnitude)`, if already computed. `magnitude` is consumed: an unsharded
+        float32 weight's new effective weight is computed into its storage, ready for the next forward. Sharded,
+        `magnitude` is the local shard's, and the local shards of the mask and rescale are written.
         """
+        mask, scale = local_shard(self.mask), local_shard(self.scale)
         self.threshold.fill_(threshold / width)
-        torch.gt(magnitude * width if width != 1.0 else magnitude, threshold, out=self.mask)
+        torch.gt(magnitude * width if width != 1.0 else magnitude, threshold, out=mask)
         if self.rescale:
             total = channel_totals(magnitude, self.output_axis) if total is None else total
-            kept = channel_totals(magnitude.mul_(self.mask), self.output_axis)
+            kept = channel_totals(magnitude.mul_(mask), self.output_axis)
             # The paper code's 1.01 / (r + 0.01): about 1/r, bounded when a channel is fully pruned; its 1e-6 is
             # added to each L1 *mean* over the channel, so here to each sum times the channel's size.
             epsilon = 1e-6 * magnitude.numel() / max(magnitude.shape[self.output_axis], 1)
             kept_fraction = (kept + epsilon) / (total + epsilon)
-            torch.div(1.01, kept_fraction + 0.01, out=self.scale)
-        if weight.dtype == torch.float32 and magnitude.shape == weight.shape:
+            torch.div(1.01, kept_fraction + 0.01, out=scale)
+        if weight.dtype == torch.float32 and not is_sharded(weight):
             # What `forward` computes, in one pass instead of two and in memory already there: softshrink is
             # `sign(w) * relu(|w| - t)` bit for bit (t, a Python float, rounds to the float32 buffer's value).
             effective = torch.ops.aten.softshrink.out(weight.detach(), threshold / width, out=magnitude)
@@ -256,6 +264,9 @@ def update_thresholds(
     Raises `NonFiniteWeightsError` naming the layers (by `names`, else by position) whose weights hold
     NaN or inf, before any layer changes: a NaN is neither pruned nor kept.
 
+    Sharded weights (FSDP2) are thresholded over all ranks' shards with the same result on every rank, each
+    rank reading and writing only its own shards (`lightning_sparse.thresholds`); a NaN on any rank raises on all.
+
     Example:
         >>> w = torch.arange(1.0, 11.0).reshape(2, 5)
         >>> st3 = StraightThroughSoftThreshold(w, rescale=False)
@@ -265,23 +276,27 @@ def update_thresholds(
         7
     """
     # The thresholds change now: the cached effective weights are stale, and their memory holds |w|.
-    magnitudes = [layer.magnitude_workspace(w) for layer, w in zip(layers, weights, strict=True)]
+    group = shard_group(weights)
+    magnitudes = [layer.magnitude_workspace(local_shard(w)) for layer, w in zip(layers, weights, strict=True)]
     # The rescale's per-channel L1 mass, or else the layer's: NaN or inf anywhere in a layer makes its sum
     # non-finite, so the check costs no pass over the weights with the rescale on, and one host sync in all.
     totals = [
         channel_totals(m, layer.output_axis) if layer.rescale else m.sum()
         for layer, m in zip(layers, magnitudes, strict=True)
     ]
-    if totals and not all(torch.stack([torch.isfinite(t).all() for t in totals]).tolist()):
+    finite = torch.stack([torch.isfinite(t).all() for t in totals]).all() if totals else torch.tensor(True)
+    if int(all_sum((~finite).long().reshape(1), group)):
         labels = list(names) if names is not None else [f"#{i}" for i in range(len(weights))]
-        # A sum can also overflow to inf; then no entry is non-finite, and nothing is wrong.
-        non_finite = count_non_finite(dict(zip(labels, weights, strict=True)))
-        if non_finite:
+        # A sum can also overflow to inf; then no entry is non-finite, and nothing is wrong. Sharded, this rank's
+        # shards may be finite and another's not: every rank raises, naming what it holds.
+        non_finite = count_non_finite(dict(zip(labels, map(local_shard, weights), strict=True)))
+        if int(all_sum(torch.tensor([len(non_finite)], device=finite.device), group)):
             raise NonFiniteWeightsError(non_finite)
     scales = [sigma_scale(w) if sigma else 1.0 for w in weights]
     sizes = [w.numel() for w in weights]
     check_min_density(sizes, sparsity, min_density)
-    tau, thresholds = floored_magnitude_thresholds(magnitudes, sparsity, min_kept_per_layer(sizes, min_density), scales)
+    floors = min_kept_per_layer(sizes, min_density)
+    tau, thresholds = floored_magnitude_thresholds(magnitudes, sparsity, floors, scales, group)
     for layer, weight, magnitude, threshold, scale, total in zip(
         layers, weights, magnitudes, thresholds, scales, totals, strict=True
     ):

@@ -50,7 +50,8 @@ from lightning_sparse.arguments import StepOrFraction, check_real
 from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod
 from lightning_sparse.optim import StepHooks, add_beside, decay_at_each_step, weight_decay_style
 from lightning_sparse.schedules import Schedule, build_schedule, check_order, check_schedule_settings, resolve_ramp
-from lightning_sparse.thresholds import NonFiniteWeightsError, count_non_finite
+from lightning_sparse.sharding import Group, all_gather_cat, all_sum, average_gradient_over, local_shard, shard_group
+from lightning_sparse.thresholds import NonFiniteWeightsError, count_non_finite, kth_smallest
 
 __all__ = ["STR", "LearnedSoftThreshold", "calibrate_thresholds"]
 
@@ -156,7 +157,9 @@ def calibrate_thresholds(
     `logit(|w_i|) - s_l <= 0`; `delta` is the midpoint between the k-th and (k+1)-th smallest of these
     keys over all layers (float64), so after `s_l += delta` exactly `k` are pruned, up to exact ties.
     The differences between the layers' `s` (their learned budget split) are unchanged. Returns `delta`.
-    Raises `NonFiniteWeightsError` before changing anything if a weight holds NaN or inf.
+    Raises `NonFiniteWeightsError` before changing anything if a weight holds NaN or inf. Sharded weights
+    (FSDP2) are calibrated over every rank's shards, with the same `delta` on every rank
+    (`lightning_sparse.thresholds.kth_smallest`).
 
     Example:
         >>> a, b = LearnedSoftThreshold(s_init=0.0), LearnedSoftThreshold(s_init=-1.0)
@@ -167,23 +170,23 @@ def calibrate_thresholds(
     """
     if not layers:
         return 0.0
+    group = shard_group(weights)
     keys = []
     for layer, weight in zip(layers, weights, strict=True):
-        magnitude = weight.detach().double().abs()
+        magnitude = local_shard(weight).detach().double().abs()
         # logit(1) = inf: a weight of magnitude >= 1 is above every threshold sigmoid(s) < 1.
         keys.append((torch.logit(magnitude.clamp(max=1.0)) - layer.s.detach().double()).flatten())
-    flat = torch.cat(keys)
-    if torch.isnan(flat).any():
+    nan = torch.stack([torch.isnan(key).any() for key in keys]).any().long().reshape(1)
+    if int(all_sum(nan, group)):
         labels = list(names) if names is not None else [f"#{i}" for i in range(len(weights))]
-        raise NonFiniteWeightsError(count_non_finite(dict(zip(labels, weights, strict=True))))
-    k = round(sparsity * flat.numel())
+        raise NonFiniteWeightsError(count_non_finite(dict(zip(labels, map(local_shard, weights), strict=True))))
+    k = round(sparsity * sum(weight.numel() for weight in weights))
     if k == 0:
-        below = flat.min().item()  # below every key: nothing pruned but exact zeros
+        below = _smallest(keys, group)  # below every key: nothing pruned but exact zeros
         lo, hi = -math.inf, below
     else:
-        lo = flat.kthvalue(k).values.item()
-        above = flat[flat > lo]
-        hi = above.min().item() if above.numel() else math.inf
+        lo = kth_smallest(keys, k, group=group)
+        hi = _smallest([key[key > lo] for key in keys], group)
     if math.isfinite(lo) and math.isfinite(hi):
         delta = (lo + hi) / 2
     elif math.isfinite(lo):
@@ -195,6 +198,12 @@ def calibrate_thresholds(
     for layer in layers:
         layer.s.add_(delta)
     return delta
+
+
+def _smallest(keys: Sequence[Tensor], group: Group) -> float:
+    """The smallest of all `keys` (1-D, non-empty list) over the ranks of `group`; inf if they hold no element."""
+    smallest = torch.cat([key.min().reshape(1) for key in keys if key.numel()] + [keys[0].new_full((1,), math.inf)])
+    return all_gather_cat(smallest.min().reshape(1), group).min().item()
 
 
 @dataclass(frozen=True)
@@ -305,7 +314,11 @@ class STR(SparsityMethod):
 
     @override
     def parametrization(self, weight: Tensor, output_axis: int) -> LearnedSoftThreshold:
-        return LearnedSoftThreshold(self.s_init, device=weight.device)
+        parametrization = LearnedSoftThreshold(self.s_init, device=weight.device)
+        # Sharded, each rank holds `s` in full and FSDP2 does not manage it: average its gradient as FSDP2 does
+        # the weights', so that every rank's `s` stays the same.
+        average_gradient_over(parametrization.s, shard_group([weight]))
+        return parametrization
 
     @override
     def on_fit_start(self, layers: SparseLayers, optimizers: Sequence[Optimizer]) -> list[str]:
