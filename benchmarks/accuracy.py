@@ -11,6 +11,7 @@ per target comes from `STR_DECAY` below. "STR (target)" is STR's target mode wit
     .venv/bin/python benchmarks/accuracy.py --quick         # 90 % only, one seed: a couple of minutes
     .venv/bin/python benchmarks/accuracy.py --str-sweep 2e-3 5e-3 1e-2   # how STR_DECAY was found
     .venv/bin/python benchmarks/accuracy.py --only strtarget   # re-run only these rows, keep the others
+    .venv/bin/python benchmarks/accuracy.py --st3-shape        # ST-3's default schedule against the paper's shape
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ STR_S_INIT = -5.0
 # 6.3e-2 97.7 %, 6.5e-2 98.8 %, 6.7e-2 98.05 %, 7e-2 and above collapse (> 99.7 %, chance accuracy).
 # Near 98 % the response is steep and not even monotonic, so other seeds land further from it.
 STR_DECAY = {0.8: 7e-3, 0.9: 1.7e-2, 0.95: 3.6e-2, 0.98: 6.7e-2}
+# The reference ST-3 runs' shape as fractions of the whole run: cubic from epoch 5 to 50 of 100, masks frozen
+# at 100, 10 fine-tune epochs (5/110, 50/110, 100/110). `--st3-shape` measures it against ST-3's defaults.
+PAPER_SHAPE = {"start": 0.045, "end": 0.45, "freeze_at": 0.91}
+SHAPE_SPARSITIES = (0.95, 0.98)
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class Config:
     target: float | None
     seed: int
     threshold_decay: float | None = None
+    paper_shape: bool = False  # ST-3/ST-3σ with PAPER_SHAPE (start, end, freeze_at) instead of START/END
 
 
 def sparsity_callbacks(
@@ -102,6 +108,8 @@ def sparsity_callbacks(
         schedule = CubicSchedule(config.target, round(START * total), round(END * total))  # as SparsityCallback's
         amounts = cubic_increments(schedule, epoch_ends)
         return [model_pruning(model, lambda epoch: amounts[epoch])]
+    if config.paper_shape:
+        return [SparsityCallback(config.method, config.target, **PAPER_SHAPE)]
     return [SparsityCallback(config.method, config.target, start=START, end=END)]
 
 
@@ -291,6 +299,46 @@ def section(summary: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     )
 
 
+def shape_section(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """RESULTS.md's part for `--st3-shape`: ST-3 and ST-3σ with their default schedule and the paper's shape."""
+    rows = []
+    for (method, target, paper), group in groupby(
+        sorted(results, key=lambda r: (r["method"], r["target"], r["paper_shape"])),
+        lambda r: (r["method"], r["target"], r["paper_shape"]),
+    ):
+        runs = list(group)
+        accs = [100 * r["test_acc"] for r in runs]
+        shape = "paper: cubic 4.5 % to 45 %, frozen at 91 %" if paper else "default: cubic 5 % to 50 %, never frozen"
+        rows.append(
+            [
+                f"{target:.0%}",
+                LABELS[method],
+                shape,
+                f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f}",
+                ", ".join(f"{a:.1f}" for a in accs),
+                f"{statistics.mean(r['sparsity'] for r in runs):.2%}",
+                f"{statistics.mean(r['sparse_flops'] for r in runs):,.0f}",
+            ]
+        )
+    headers = ["Target", "Method", "Schedule", "Test acc. (%) mean ± std", "Seeds 0, 1, 2", "Sparsity", "Sparse FLOPs"]
+    return "\n".join(
+        [
+            "## ST-3's default schedule against the paper's shape (MNIST-1D)",
+            "",
+            f"Command: `{meta['command']}` ({meta['minutes']:.1f} min wall time with {meta['workers']} worker "
+            "processes of one thread each).",
+            "",
+            machine_line(meta["machine_before"], meta["machine_after"]),
+            "",
+            f"The accuracy benchmark's model, data and recipe ({meta['epochs']} epochs, seeds 0, 1, 2). The paper's "
+            "shape is the reference runs' (cubic from epoch 5 to 50 of 100, masks frozen at 100, then 10 fine-tune "
+            "epochs) as fractions of the whole run.",
+            "",
+            markdown_table(headers, rows),
+        ]
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="90 %% only, seed 0; results/accuracy_quick.json only")
@@ -306,6 +354,11 @@ def main() -> None:
         help="run only these methods (all sparsities and seeds) and replace their rows in the published results, "
         "keeping the other rows of results/accuracy.json",
     )
+    parser.add_argument(
+        "--st3-shape",
+        action="store_true",
+        help="only run ST-3 and ST-3σ at 95 and 98 %% with their default schedule and with the paper's shape",
+    )
     args = parser.parse_args()
     silence()
 
@@ -316,6 +369,28 @@ def main() -> None:
         for r in results:
             print(f"threshold_decay {r['threshold_decay']:g}: sparsity {r['sparsity']:.2%}, acc {r['test_acc']:.2%}")
         publish("str_sweep", {"machine": before, "epochs": args.epochs, "s_init": STR_S_INIT, "runs": results}, None)
+        return
+
+    if args.st3_shape:
+        configs = [
+            Config(method, target, seed, paper_shape=paper)
+            for method in ("st3", "st3sigma")
+            for target in SHAPE_SPARSITIES
+            for paper in (False, True)
+            for seed in SEEDS
+        ]
+        results = run_all(configs, args.epochs, args.workers)
+        meta = {
+            "command": command_line(),
+            "epochs": args.epochs,
+            "workers": args.workers,
+            "minutes": (time.perf_counter() - started) / 60,
+            "machine_before": before,
+            "machine_after": machine(),
+        }
+        text = shape_section(results, meta)
+        print(text)
+        publish("st3_shape", {**meta, "paper_shape": PAPER_SHAPE, "runs": results}, text)
         return
 
     sparsities, seeds = ((0.9,), (0,)) if args.quick else (SPARSITIES, SEEDS)
