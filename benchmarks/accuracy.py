@@ -100,8 +100,8 @@ def sparsity_callbacks(
     if config.method == "str":
         return [SparsityCallback("str", s_init=STR_S_INIT, threshold_decay=config.threshold_decay)]
     assert config.target is not None
-    if config.method == "strtarget":  # STR's defaults (s_init -100, the optimizer's decay), ST-3's schedule
-        return [SparsityCallback("str", target_sparsity=config.target, start=START, end=END)]
+    if config.method == "strtarget":  # STR's defaults: s_init -100, the optimizer's decay, cubic from 20 % to 80 %
+        return [SparsityCallback("str", target_sparsity=config.target)]
     if config.method == "modelpruning":
         epoch_ends = [(epoch + 1) * steps_per_epoch for epoch in range(epochs)]
         total = epochs * steps_per_epoch
@@ -114,6 +114,19 @@ def sparsity_callbacks(
 
 
 _DATA: Mnist1dData | None = None  # one per worker process: generating MNIST-1D takes seconds
+
+
+def _preamble(title: str, meta: dict[str, Any]) -> list[str]:
+    """A published section's title, command, wall time and machine lines."""
+    return [
+        f"## {title}",
+        "",
+        f"Command: `{meta['command']}` ({meta['minutes']:.1f} min wall time with {meta['workers']} worker "
+        "processes of one thread each).",
+        "",
+        machine_line(meta["machine_before"], meta["machine_after"]),
+        "",
+    ]
 
 
 def train(config: Config, epochs: int) -> dict[str, Any]:
@@ -272,13 +285,7 @@ def section(summary: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     )
     return "\n".join(
         [
-            "## Accuracy vs sparsity (MNIST-1D)",
-            "",
-            f"Command: `{meta['command']}` ({meta['minutes']:.1f} min wall time with {meta['workers']} worker "
-            "processes of one thread each).",
-            "",
-            machine_line(meta["machine_before"], meta["machine_after"]),
-            "",
+            *_preamble("Accuracy vs sparsity (MNIST-1D)", meta),
             f"`examples/mnist1d_sparse.py`'s model and data (4000 train / 1000 test, {meta['params']:,} conv + "
             f"linear weights, {meta['dense_flops']:,} dense MACs per sample), {meta['epochs']} epochs, seeds "
             f"{', '.join(map(str, meta['seeds']))}; the same recipe for every method. {dense_note}"
@@ -287,7 +294,7 @@ def section(summary: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"(cubic {START:.0%} to {END:.0%}, rescale on). STR: s_init {STR_S_INIT:g}, threshold decay per "
             "target found by `--str-sweep`; the achieved sparsity (min–max over seeds) is what STR reached. "
             'STR (target): `SparsityCallback("str", target_sparsity=...)` with STR\'s defaults (s_init -100, '
-            f"the optimizer's decay on the thresholds) and ST-3's cubic schedule ({START:.0%} to {END:.0%}), no "
+            "the optimizer's decay on the thresholds, its default cubic schedule from 20% to 80% of training), no "
             "per-target tuning; its rows were added with `--only strtarget` (the other rows are the earlier run's).",
             "",
             table(summary),
@@ -323,13 +330,7 @@ def shape_section(results: Sequence[dict[str, Any]], meta: dict[str, Any]) -> st
     headers = ["Target", "Method", "Schedule", "Test acc. (%) mean ± std", "Seeds 0, 1, 2", "Sparsity", "Sparse FLOPs"]
     return "\n".join(
         [
-            "## ST-3's default schedule against the paper's shape (MNIST-1D)",
-            "",
-            f"Command: `{meta['command']}` ({meta['minutes']:.1f} min wall time with {meta['workers']} worker "
-            "processes of one thread each).",
-            "",
-            machine_line(meta["machine_before"], meta["machine_after"]),
-            "",
+            *_preamble("ST-3's default schedule against the paper's shape (MNIST-1D)", meta),
             f"The accuracy benchmark's model, data and recipe ({meta['epochs']} epochs, seeds 0, 1, 2). The paper's "
             "shape is the reference runs' (cubic from epoch 5 to 50 of 100, masks frozen at 100, then 10 fine-tune "
             "epochs) as fractions of the whole run.",

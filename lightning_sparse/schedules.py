@@ -104,12 +104,20 @@ SCHEDULE_NAMES = (*SCHEDULES, "constant")
 
 
 def check_schedule_settings(
-    schedule: object, target_sparsity: float | None, start: StepOrFraction | None, end: StepOrFraction | None
+    schedule: object,
+    target_sparsity: float | None,
+    start: StepOrFraction | None,
+    end: StepOrFraction | None,
+    default_span: tuple[float, float] = (0.05, 0.5),
 ) -> dict[str, Any]:
     """Validate a method's `schedule`, `target_sparsity`, `start` and `end`; the checked values to set.
 
-    A schedule by name needs `target_sparsity` (start and end default to 0.05 and 0.5 of the run); a
-    schedule object (any `sparsity_at(step)`) takes none of the three.
+    A schedule by name needs `target_sparsity` (start and end default to `default_span`, fractions of the
+    run); a schedule object (any `sparsity_at(step)`) takes none of the three.
+
+    Example:
+        >>> check_schedule_settings("cubic", 0.9, None, 0.7, default_span=(0.2, 0.8))
+        {'target_sparsity': 0.9, 'start': 0.2, 'end': 0.7}
     """
     checked: dict[str, Any] = {}
     if isinstance(schedule, str):
@@ -118,8 +126,8 @@ def check_schedule_settings(
         if target_sparsity is None:
             raise ValueError("`target_sparsity` is required: the final fraction of zeros, e.g. 0.9")
         checked["target_sparsity"] = check_real("target_sparsity", target_sparsity, low=0.0, high=1.0, high_open=True)
-        checked["start"] = check_step_or_fraction("start", 0.05 if start is None else start)
-        checked["end"] = check_step_or_fraction("end", 0.5 if end is None else end)
+        checked["start"] = check_step_or_fraction("start", default_span[0] if start is None else start)
+        checked["end"] = check_step_or_fraction("end", default_span[1] if end is None else end)
     elif isinstance(schedule, type) or not callable(getattr(schedule, "sparsity_at", None)):
         raise TypeError(
             f"`schedule` must be one of {', '.join(map(repr, SCHEDULE_NAMES))} or an object with a "

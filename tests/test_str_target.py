@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_sparse import STR, SparsityCallback
 from lightning_sparse.methods.str_method import LearnedSoftThreshold, calibrate_thresholds
-from lightning_sparse.schedules import CubicSchedule
+from lightning_sparse.schedules import CubicSchedule, LinearSchedule
 from lightning_sparse.thresholds import NonFiniteWeightsError
 
 # ------------------------------------------------------------------------------------ settings
@@ -25,7 +25,9 @@ def test_target_settings_resolve_like_st3s():
     method = STR(target_sparsity=0.9, start=0.1, end=0.5).for_run(total_steps=100)
     assert method.schedule == CubicSchedule(0.9, 10, 50) and method.has_target
     assert method.target(9) == 0.0 and method.target(50) == pytest.approx(0.9) and method.target(1000) == 0.9
-    assert STR(target_sparsity=0.8, schedule="linear").for_run(100).target(50) == pytest.approx(0.8 * 45 / 45)
+    # STR's default span is its own, later than ST-3's 5 % to 50 %: 20 % to 80 % of the run.
+    assert STR(target_sparsity=0.8, schedule="linear").for_run(100).schedule == LinearSchedule(0.8, 20, 80)
+    assert STR(target_sparsity=0.8).for_run(100).target(50) == pytest.approx(0.8 * (1 - (1 - 30 / 60) ** 3))
     assert STR(schedule=CubicSchedule(0.5, 0, 10)).for_run(math.inf).target(10) == 0.5
     callback = SparsityCallback("str", target_sparsity=0.9, start=5, end=20, schedule="linear")
     assert callback.method == STR(target_sparsity=0.9, start=5, end=20, schedule="linear")

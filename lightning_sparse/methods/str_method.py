@@ -57,6 +57,10 @@ __all__ = ["STR", "LearnedSoftThreshold", "calibrate_thresholds"]
 
 # The `threshold_decay` hook of each optimizer STR decays thresholds in (see `STR.on_fit_start`).
 _DECAY_HOOKS: weakref.WeakKeyDictionary[Optimizer, StepHooks] = weakref.WeakKeyDictionary()
+# Target mode's default ramp, later and longer than ST-3's (0.05 to 0.5): each shift of the thresholds also
+# shrinks every surviving weight, which a ramp ending at a lower learning rate lets the weights absorb. On
+# MNIST-1D (3 seeds) it gained 0.5 points at 80 % and 0.8 at 90 % over ST-3's span.
+_DEFAULT_SPAN = (0.2, 0.8)
 
 
 class _SoftThreshold(torch.autograd.Function):
@@ -229,7 +233,7 @@ class STR(SparsityMethod):
         target_sparsity: Final fraction of zeros over all sparsified weights, in [0, 1). Default: none
             (plain STR).
         start, end, schedule: As ST-3's (`ST3`): where the target ramps from 0 to `target_sparsity`
-            (optimizer step or fraction of the run; default 0.05 and 0.5), and its shape (``"cubic"``
+            (optimizer step or fraction of the run; default 0.2 and 0.8, later than ST-3's), and its shape (``"cubic"``
             by default, ``"linear"``, ``"constant"``, or a schedule object replacing the three others).
 
     Example:
@@ -260,7 +264,9 @@ class STR(SparsityMethod):
         if plain and (self.start is not None or self.end is not None):
             raise ValueError("`start` and `end` set when STR's target sparsity ramps: give `target_sparsity` too")
         if not plain:
-            checked = check_schedule_settings(self.schedule, self.target_sparsity, self.start, self.end)
+            checked = check_schedule_settings(
+                self.schedule, self.target_sparsity, self.start, self.end, default_span=_DEFAULT_SPAN
+            )
             for name, value in checked.items():
                 object.__setattr__(self, name, value)
             check_order(self.schedule, self.start, self.end)
