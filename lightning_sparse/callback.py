@@ -278,9 +278,7 @@ class SparsityCallback(Callback):
                     "it groups parameters by name (e.g. names ending in `weight`), group them by module type or "
                     "parameter identity instead (`module.parametrizations.weight.original` is the raw weight)."
                 )
-            unparametrize(self._added)  # nothing trained: give the model back as it came
-            retarget_fsdp_params(pl_module)
-            self._layers, self._added = {}, []
+            self._give_back(pl_module)  # nothing trained
         elif self._layers:
             rank_zero_warn(
                 f"The fit failed after {self._step} optimizer steps; the model keeps its sparse training state "
@@ -288,6 +286,12 @@ class SparsityCallback(Callback):
                 "`trainer.fit(model, ckpt_path=...)`, or call `lightning_sparse.harden(model)` for the plain "
                 "sparse model as trained so far."
             )
+
+    def _give_back(self, pl_module: nn.Module) -> None:
+        """Undo this fit's reparameterization: the model as it came, its FSDP2 sharding pointing at it again."""
+        unparametrize(self._added)
+        retarget_fsdp_params(pl_module)
+        self._layers, self._added = {}, []
 
     def _run_method(self) -> SparsityMethod:
         if self._run is None:
@@ -344,9 +348,7 @@ class SparsityCallback(Callback):
                 saved = {**self.method.default_settings(), **saved}
             changes = check_resume(saved, self._resume_settings(sorted(self._layers)), must_keep)
         except ValueError as error:
-            unparametrize(self._added)  # give the model back as it came
-            retarget_fsdp_params(module)
-            self._layers, self._added = {}, []
+            self._give_back(module)
             raise ValueError(f"Cannot resume from {trainer.ckpt_path} (nothing was loaded): {error}") from None
         if changes:
             rank_zero_warn(
