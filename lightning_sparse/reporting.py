@@ -42,6 +42,7 @@ from rich.table import Table
 
 from lightning_sparse.arguments import check_positive_int
 from lightning_sparse.methods.base import SparseLayers
+from lightning_sparse.sharding import is_sharded
 from lightning_sparse.stats import LayerStats, dense_flops, non_finite_weights, sparse_stats
 from lightning_sparse.thresholds import NonFiniteWeightsError
 
@@ -121,10 +122,7 @@ class SparsityReport:
         if trainer.global_step % every:
             return
         _check_finite(trainer, layers)
-        # Every rank counts: the counts of a sharded model are summed over the ranks' shards.
-        stats = self._rank_zero(
-            "count the sparsified weights' non-zeros", lambda: sparse_stats(pl_module, self._dense or {})
-        )
+        stats = self._count(trainer, pl_module)
         if stats is not None and trainer.is_global_zero:
             self._log(trainer, stats, layers, method_metrics)
 
@@ -140,9 +138,7 @@ class SparsityReport:
         the sparsified layers have no entries)."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank asks
         _check_finite(trainer, layers)
-        stats = self._rank_zero(
-            "count the sparsified weights' non-zeros", lambda: sparse_stats(pl_module, self._dense or {})
-        )
+        stats = self._count(trainer, pl_module)
         if stats is None or not trainer.is_global_zero:
             return None
         if layers and (not self._history or self._history[-1][0] != trainer.global_step):
@@ -197,6 +193,15 @@ class SparsityReport:
             "(ST-3's `min_density`, e.g. 0.01), leave the layer dense with `exclude=[...]`, lower the target "
             "sparsity, or with ST-3 try `rescale=False` (its channel rescale amplifies nearly emptied channels, which "
             "can collapse training). `sparsity/fully_pruned_layers` logs how many layers are fully pruned."
+        )
+
+    def _count(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[LayerStats] | None:
+        """The per-layer counts, on rank zero, and on every rank of a sharded model: each rank then counts its
+        shards and the counts are summed over the ranks. None elsewhere, or if counting failed."""
+        if not trainer.is_global_zero and not any(is_sharded(p) for p in pl_module.parameters()):
+            return None
+        return self._rank_zero(
+            "count the sparsified weights' non-zeros", lambda: sparse_stats(pl_module, self._dense or {})
         )
 
     def _rank_zero(self, what: str, action: Callable[[], _T]) -> _T | None:
