@@ -28,7 +28,16 @@ RESULTS_DIR = BENCHMARKS / "results"
 RESULTS_MD = BENCHMARKS / "RESULTS.md"
 # ST-3's default schedule span (fractions of the run); every scheduled method here uses it explicitly.
 START, END = 0.05, 0.5
-SECTIONS = ("accuracy", "st3_shape", "step_time", "threshold_scaling", "sharded_threshold", "min_density", "gpu")
+SECTIONS = (
+    "accuracy",
+    "str_seeds",
+    "st3_shape",
+    "step_time",
+    "threshold_scaling",
+    "sharded_threshold",
+    "min_density",
+    "gpu",
+)
 _HEADER = """# lightning-sparse benchmarks
 
 Produced by the scripts in `benchmarks/`; each script regenerates its own section below (between the
