@@ -37,6 +37,30 @@ def test_str_effective_weight_and_gradients():
     torch.testing.assert_close(str_.s.grad, torch.tensor(0.09))
 
 
+@pytest.mark.parametrize("odd", [[], [float("nan"), float("inf")]], ids=["finite", "nan-and-inf"])
+def test_str_one_pass_cpu_kernels_equal_the_general_path_bit_for_bit(odd: list[float], monkeypatch: pytest.MonkeyPatch):
+    # The softshrink kernels must neither hide a diverged weight nor split a gradient at a tie differently from the
+    # clamp they replace. (A NaN weight's own gradient is left out: torch's kernels disagree on it between their
+    # vectorised and scalar loops, and the weight stays NaN either way.)
+    str_ = LearnedSoftThreshold(s_init=math.log(0.1 / 0.9))
+    g = str_.threshold().item()
+    weight = torch.cat([torch.randn(10_000) * 0.2, torch.tensor([g, -g, 0.0, *odd])])
+    grad = torch.randn_like(weight)
+
+    def run() -> list[torch.Tensor]:
+        str_.s.grad = None
+        w = weight.clone().requires_grad_()
+        effective = str_(w)
+        effective.backward(grad)
+        assert w.grad is not None and str_.s.grad is not None
+        return [effective.detach(), w.grad[~weight.isnan()], str_.s.grad.clone()]
+
+    fast = run()
+    monkeypatch.setattr("lightning_sparse.methods.str_method._threshold_number", lambda weight, g: None)
+    for a, b in zip(fast, run(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
 def test_str_keeps_bf16_and_keep_mask():
     weight = torch.tensor([0.5, -0.05], dtype=torch.bfloat16)
     str_ = LearnedSoftThreshold(s_init=math.log(0.1 / 0.9))

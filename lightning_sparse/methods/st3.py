@@ -190,7 +190,13 @@ class StraightThroughSoftThreshold(SparseParametrization):
         torch.gt(magnitude * width if width != 1.0 else magnitude, threshold, out=mask)
         if self.rescale:
             total = channel_totals(magnitude, self.output_axis) if total is None else total
-            kept = channel_totals(magnitude.mul_(mask), self.output_axis)
+            # Zero the pruned magnitudes in place without `mul_(mask)`, which converts the mask to a new float
+            # tensor first (about 25x the time). With no width, `threshold_` is the mask's own comparison.
+            if width == 1.0:
+                torch.threshold_(magnitude, threshold, 0.0)
+            else:
+                torch.where(mask, magnitude, magnitude.new_zeros(()), out=magnitude)
+            kept = channel_totals(magnitude, self.output_axis)
             # The paper code's 1.01 / (r + 0.01): about 1/r, bounded when a channel is fully pruned; its 1e-6 is
             # added to each L1 *mean* over the channel, so here to each sum times the channel's size.
             epsilon = 1e-6 * magnitude.numel() / max(magnitude.shape[self.output_axis], 1)
