@@ -240,12 +240,11 @@ def _kth_smallest_bracketed(values: Sequence[Tensor], scales: Sequence[float], k
     lo_rank, hi_rank = math.floor((q - margin) * m), math.ceil((q + margin) * m)
     lo = sample.kthvalue(lo_rank).values.item() if lo_rank >= 1 else -math.inf
     hi = sample.kthvalue(hi_rank).values.item() if hi_rank <= m else math.inf
-    # Two comparisons per element for both the count below and the bracket: each is a pass over the values.
     below, inside = 0, []
     for v, s in zip(values, scales, strict=True):
-        at_least = v >= lo / s
-        below += v.numel() - int(torch.count_nonzero(at_least))
-        inside.append(v[at_least.logical_and_(v <= hi / s)])
+        n_below, v_inside = _count_below_and_select(v, lo / s, hi / s)
+        below += n_below
+        inside.append(v_inside)
     counts = torch.tensor([below, sum(x.numel() for x in inside)], device=values[0].device)
     n_below, n_inside = all_sum(counts, group).tolist()
     if n_below < k <= n_below + n_inside:
@@ -258,6 +257,29 @@ def _kth_smallest_bracketed(values: Sequence[Tensor], scales: Sequence[float], k
         return _kth_smallest_bracketed([v[v < lo / s] for v, s in zip(values, scales, strict=True)], scales, k, group)
     above = [v[v > hi / s] for v, s in zip(values, scales, strict=True)]
     return _kth_smallest_bracketed(above, scales, k - n_below - n_inside, group)
+
+
+def _count_below_and_select(values: Tensor, lo: float, hi: float) -> tuple[int, Tensor]:
+    """How many of the flat, contiguous `values` are below `lo`, and those in `[lo, hi]` (in no particular order).
+
+    Two comparisons per element serve both. A boolean index scans its mask at about 1 ns per element however
+    few entries are set, so the mask is read as int64 words, 8 entries each, and only the few words holding an
+    entry inside are indexed.
+
+    Example:
+        >>> _count_below_and_select(torch.arange(10.0), 2.5, 4.0)
+        (3, tensor([3., 4.]))
+    """
+    at_least = values >= lo
+    below = values.numel() - int(torch.count_nonzero(at_least))
+    inside = at_least.logical_and_(values <= hi)
+    whole = values.numel() // 8 * 8
+    words = inside[:whole].view(torch.int64).nonzero().squeeze(1)
+    candidates = values[:whole].view(-1, 8).index_select(0, words).flatten()
+    selected = candidates[inside[:whole].view(-1, 8).index_select(0, words).flatten()]
+    if whole == values.numel():
+        return below, selected
+    return below, torch.cat([selected, values[whole:][inside[whole:]]])
 
 
 def _kth_smallest(values: Sequence[Tensor], scales: Sequence[float], k: int, group: Group) -> float:

@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from lightning_sparse.thresholds import floored_magnitude_thresholds, global_magnitude_threshold, min_kept_per_layer
+from lightning_sparse.thresholds import (
+    floored_magnitude_thresholds,
+    global_magnitude_threshold,
+    kth_smallest,
+    min_kept_per_layer,
+)
 
 
 def _zero_fraction(magnitudes, tau, scales):
@@ -30,6 +35,21 @@ def test_matches_the_exact_kth_value_with_scales():
     tau = global_magnitude_threshold(magnitudes, 0.8, scales)
     everything = torch.cat([m * s for m, s in zip(magnitudes, scales, strict=True)])
     assert tau == everything.kthvalue(round(0.8 * everything.numel())).values.item()
+
+
+def test_bracketed_selection_over_odd_sizes_and_shapes_is_the_exact_kth_value():
+    # Sizes that are not multiples of 8 (the selection reads its bracket mask 8 entries at a time), 4-D and
+    # non-contiguous tensors, ties, and k at both ends.
+    generator = torch.Generator().manual_seed(2)
+    values = [
+        torch.rand(64, 3, 7, 7, generator=generator),
+        torch.rand(200_003, generator=generator).round(decimals=3),  # many ties
+        torch.rand(700, 131, generator=generator).t(),
+        torch.rand(5, generator=generator),
+    ]
+    everything = torch.cat([v.flatten() for v in values])
+    for k in (1, 17, everything.numel() // 2, everything.numel() - 3, everything.numel()):
+        assert kth_smallest(values, k) == everything.kthvalue(k).values.item()
 
 
 def test_zero_sparsity_prunes_nothing_and_bad_sparsity_raises():
