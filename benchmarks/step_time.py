@@ -496,18 +496,19 @@ Notes:
   37 M MACs per sample (`layer_stats`), so everything a method does per weight and per step weighs
   far more against the step than at 224x224 (49x the MACs for the same weights); batch 32 is worse still.
 - ST-3's forward serves one effective weight per change of the raw weight or of its threshold buffers
-  (keyed on `Tensor._version`), with an identity backward: one pass per optimizer step instead of three
-  per forward. Its remaining cost is the threshold update after each optimizer step (the hooks column:
-  |w|, the per-channel sums, a sampled bracket and the exact selection, `nonzero`/`index`, for the global
-  quantile, the mask and the kept sums for the rescale: still about eight passes over the weights).
-- STR's forward (`w - clamp(w, -g, g)`) and hand-written backward (a comparison, a `where`, `sign` and
-  a dot product) make about seven passes over the weights per step: the "rest of step" column.
+  (keyed on `Tensor._version`), with an identity backward, and the threshold update leaves the new
+  effective weight ready: the forward costs nothing. Its cost is the update after each optimizer step
+  (the hooks column): |w|, the per-channel sums, two comparisons that count below the sampled bracket and
+  mark the values inside it, an index of only the 8-entry words holding one, the exact selection among
+  them, the mask, the kept sums (`threshold_`) and the new effective weight (softshrink, rescale).
+- STR's forward and hand-written backward on float32 CPU weights are torch's softshrink kernels (one
+  pass each) plus `sign` and a dot product for the threshold's gradient: the "rest of step" column.
 - ModelPruning prunes only at epoch ends (here every `--epoch-batches` steps); between prunes a forward
   pre-hook multiplies `weight_orig` by a float mask. Its memory holds `weight_orig`, the float mask and
   the masked weight for every pruned layer.
-- ST-3 and STR memory: the effective weights (4 bytes per weight; ST-3 keeps them between steps), ST-3's
-  1-byte mask, and |w| (4 bytes per weight) while its update runs.
-- Timings on this shared 2-core machine are noisy: another engineer's benchmarks ran alongside, and the
+- ST-3 and STR memory: the effective weights (4 bytes per weight; ST-3 keeps them between steps and takes
+  |w| in their memory during its update) and ST-3's 1-byte mask.
+- Timings on this 2-core machine are noisy from process to process (the per-round ratios): the
   2-thread runs, which need both cores, suffer most.
 """
 
