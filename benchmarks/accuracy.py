@@ -368,6 +368,18 @@ def seeds_section(results: Sequence[dict[str, Any]], published: Sequence[dict[st
     )
 
 
+def _run_meta(args: argparse.Namespace, started: float, before: dict[str, Any]) -> dict[str, Any]:
+    """What a published section says about its run: command, epochs, workers, wall time and the machine."""
+    return {
+        "command": command_line(),
+        "epochs": args.epochs,
+        "workers": args.workers,
+        "minutes": (time.perf_counter() - started) / 60,
+        "machine_before": before,
+        "machine_after": machine(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="90 %% only, seed 0; results/accuracy_quick.json only")
@@ -391,7 +403,8 @@ def main() -> None:
     parser.add_argument(
         "--str-seeds",
         action="store_true",
-        help="only run STR (tuned) and STR (target) at 80 %% on seeds 3, 4, 5, against the published seeds 0, 1, 2",
+        help=f"only run STR (tuned) and STR (target) at 80 %% on seeds {', '.join(map(str, MORE_SEEDS))}, against "
+        "the published seeds",
     )
     args = parser.parse_args()
     silence()
@@ -414,14 +427,7 @@ def main() -> None:
             for seed in SEEDS
         ]
         results = run_all(configs, args.epochs, args.workers)
-        meta = {
-            "command": command_line(),
-            "epochs": args.epochs,
-            "workers": args.workers,
-            "minutes": (time.perf_counter() - started) / 60,
-            "machine_before": before,
-            "machine_after": machine(),
-        }
+        meta = _run_meta(args, started, before)
         text = shape_section(results, meta)
         print(text)
         publish("st3_shape", {**meta, "paper_shape": PAPER_SHAPE, "runs": results}, text)
@@ -437,14 +443,7 @@ def main() -> None:
         published = json.loads((RESULTS_DIR / "accuracy.json").read_text())
         if published["epochs"] != args.epochs:
             raise SystemExit(f"--str-seeds needs the published run's {published['epochs']} epochs")
-        meta = {
-            "command": command_line(),
-            "epochs": args.epochs,
-            "workers": args.workers,
-            "minutes": (time.perf_counter() - started) / 60,
-            "machine_before": before,
-            "machine_after": machine(),
-        }
+        meta = _run_meta(args, started, before)
         text = seeds_section(results, published["runs"], meta)
         print(text)
         publish("str_seeds", {**meta, "runs": results}, text)
