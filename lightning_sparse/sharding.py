@@ -102,7 +102,7 @@ def shard_group(tensors: Sequence[Tensor]) -> Group:
     meshes = {id(t.device_mesh): t.device_mesh for t in tensors if isinstance(t, DTensor)}
     if not meshes:
         return None
-    if len(meshes) > 1 or (len(meshes) and not all(isinstance(t, DTensor) for t in tensors)):
+    if len(meshes) > 1 or not all(isinstance(t, DTensor) for t in tensors):
         raise ValueError(
             "lightning-sparse's sparsified weights must all be sharded over one device mesh, or none of them: apply "
             "`fully_shard` with one mesh to every module holding a sparsified weight (or to their common parent)"

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self, cast
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.optim import Optimizer
@@ -23,9 +24,52 @@ __all__ = [
     "SparseWeight",
     "SparsityMethod",
     "distinct_weights",
+    "kept_gradient",
     "parametrizations_of",
+    "soft_threshold",
     "weight_name",
 ]
+
+
+def soft_threshold(weight: Tensor, threshold: Tensor) -> Tensor:
+    """`sign(w) * relu(|w| - t)` for a 0-dim `threshold` `t`, in the weight's dtype: both methods' shrink.
+
+    A pruned negative weight may come out as -0.0 (torch's softshrink kernel) or +0.0 (the general form):
+    equal, and counted, as zero either way.
+
+    Example:
+        >>> soft_threshold(torch.tensor([0.5, 0.05, -0.3]), torch.tensor(0.1))
+        tensor([ 0.4000,  0.0000, -0.2000])
+    """
+    number = _threshold_number(weight, threshold)
+    if number is not None:
+        return torch.nn.functional.softshrink(weight, number)
+    # Two passes instead of four; a 0-dim threshold does not promote a bf16 weight.
+    return weight - weight.clamp(-threshold, threshold)
+
+
+def kept_gradient(grad: Tensor, weight: Tensor, threshold: Tensor) -> Tensor:
+    """`grad` where `|weight| > threshold`, else 0: the gradient `soft_threshold` passes to its weight (a tie is
+    pruned, as relu'(0) = 0).
+
+    Example:
+        >>> kept_gradient(torch.ones(3), torch.tensor([0.5, -0.05, 0.1]), torch.tensor(0.1))
+        tensor([1., 0., 0.])
+    """
+    number = _threshold_number(weight, threshold)
+    if number is not None:
+        return cast(Tensor, torch.ops.aten.softshrink_backward(grad, weight, number))
+    return torch.where(weight.abs() > threshold, grad, 0.0)
+
+
+def _threshold_number(weight: Tensor, threshold: Tensor) -> float | None:
+    """`threshold` as a Python number where torch's softshrink kernels (one pass each) compute exactly what the
+    two functions above define: a float32 weight on CPU (reading it elsewhere would sync the device), outside
+    `torch.compile`. None otherwise, and for a NaN threshold (a diverged STR `s`), which the general form keeps."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    number = threshold.item()
+    return number if number >= 0.0 else None
 
 
 class SparseParametrization(nn.Module, ABC):

@@ -15,7 +15,13 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_sparse.arguments import StepOrFraction, check_bool, check_real, check_step_or_fraction
-from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod, distinct_weights
+from lightning_sparse.methods.base import (
+    SparseLayers,
+    SparseParametrization,
+    SparsityMethod,
+    distinct_weights,
+    soft_threshold,
+)
 from lightning_sparse.schedules import (
     Schedule,
     build_schedule,
@@ -36,9 +42,8 @@ __all__ = ["ST3", "StraightThroughSoftThreshold", "channel_totals", "sigma_scale
 
 
 def _soft_threshold(weight: Tensor, threshold: Tensor, scale: Tensor) -> Tensor:
-    """ST-3's effective weight, `sign(w) * relu(|w| - t) * c`, in two passes and the weight's dtype."""
-    shrunk = weight - weight.clamp(-threshold, threshold)
-    return shrunk.mul_(scale.to(weight.dtype))
+    """ST-3's effective weight, `sign(w) * relu(|w| - t) * c`, in the weight's dtype."""
+    return soft_threshold(weight, threshold).mul_(scale.to(weight.dtype))
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -203,7 +208,7 @@ class StraightThroughSoftThreshold(SparseParametrization):
             kept_fraction = (kept + epsilon) / (total + epsilon)
             torch.div(1.01, kept_fraction + 0.01, out=scale)
         if weight.dtype == torch.float32 and not is_sharded(weight):
-            # What `forward` computes, in one pass instead of two and in memory already there: softshrink is
+            # What `forward` computes (`soft_threshold`), in memory already there: softshrink is
             # `sign(w) * relu(|w| - t)` bit for bit (t, a Python float, rounds to the float32 buffer's value).
             effective = torch.ops.aten.softshrink.out(weight.detach(), threshold / width, out=magnitude)
             self._remember(weight, effective.mul_(self.scale))

@@ -47,7 +47,13 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_sparse.arguments import StepOrFraction, check_real
-from lightning_sparse.methods.base import SparseLayers, SparseParametrization, SparsityMethod
+from lightning_sparse.methods.base import (
+    SparseLayers,
+    SparseParametrization,
+    SparsityMethod,
+    kept_gradient,
+    soft_threshold,
+)
 from lightning_sparse.optim import StepHooks, add_beside, decay_at_each_step, weight_decay_style
 from lightning_sparse.schedules import Schedule, build_schedule, check_order, check_schedule_settings, resolve_ramp
 from lightning_sparse.sharding import Group, all_gather_cat, all_sum, average_gradient_over, local_shard, shard_group
@@ -64,23 +70,17 @@ _DEFAULT_SPAN = (0.2, 0.8)
 
 
 class _SoftThreshold(torch.autograd.Function):
-    """`w - clamp(w, -g, g)`, i.e. `sign(w) * relu(|w| - g)`, with its gradients written out.
+    """`sign(w) * relu(|w| - g)` (`soft_threshold`), with its gradients written out.
 
     Autograd's backward of a clamp with tensor bounds builds several masks and `where`s for each
     bound, about ten times the cost of the forward on ResNet-18's weights; the same gradients need
-    one comparison, one `where` and one dot product. On a float32 CPU weight, where reading `g` costs
-    no device sync, torch's softshrink kernels do it in fewer passes: one for the forward, one for the
-    weight's gradient.
+    the kept gradient (`kept_gradient`: one pass on a float32 CPU weight) and one dot product.
     """
 
     @staticmethod
     @override
     def forward(weight: Tensor, g: Tensor) -> Tensor:
-        number = _threshold_number(weight, g)
-        if number is not None:
-            return torch.nn.functional.softshrink(weight, number)
-        # Two passes instead of four; a 0-dim threshold does not promote a bf16 weight.
-        return weight - weight.clamp(-g, g)
+        return soft_threshold(weight, g)
 
     @staticmethod
     @override
@@ -94,21 +94,8 @@ class _SoftThreshold(torch.autograd.Function):
         # Survivors (|w| > g) pass the gradient through unchanged and give g a gradient of -sign(w);
         # the others give nothing to either, ties included as relu'(0) = 0 (torch's clamp would
         # split the gradient at a tie, which bf16 weights often hit).
-        number = _threshold_number(weight, g)
-        if number is not None:
-            kept = torch.ops.aten.softshrink_backward(grad, weight, number)
-        else:
-            kept = torch.where(weight.abs() > g, grad, 0.0)
+        kept = kept_gradient(grad, weight, g)
         return kept, -torch.dot(kept.flatten(), weight.sign().flatten())
-
-
-def _threshold_number(weight: Tensor, g: Tensor) -> float | None:
-    """`g` as a Python number where softshrink's kernels compute exactly what `_SoftThreshold` defines: a
-    float32 weight on CPU (reading `g` elsewhere would sync the device), outside `torch.compile`."""
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or torch.compiler.is_compiling():
-        return None
-    number = g.item()
-    return number if number >= 0.0 else None  # a NaN threshold (diverged `s`) takes the general path, as NaN
 
 
 class LearnedSoftThreshold(SparseParametrization):
