@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_sparse import kernels
 from lightning_sparse.sharding import Group, all_gather_cat, all_sum
 
 __all__ = [
@@ -243,7 +244,8 @@ def _kth_smallest_bracketed(values: Sequence[Tensor], scales: Sequence[float], k
     hi = sample.kthvalue(hi_rank).values.item() if hi_rank <= m else math.inf
     below, inside = 0, []
     for v, s in zip(values, scales, strict=True):
-        n_below, v_inside = _count_below_and_select(v, lo / s, hi / s)
+        # Room for twice a layer's share of the bracket: a layer holds more of it only by chance or by scale.
+        n_below, v_inside = _count_below_and_select(v, lo / s, hi / s, 2 * (hi_rank - lo_rank) * v.numel() // m + 1)
         below += n_below
         inside.append(v_inside)
     counts = torch.tensor([below, sum(x.numel() for x in inside)], device=values[0].device)
@@ -260,17 +262,21 @@ def _kth_smallest_bracketed(values: Sequence[Tensor], scales: Sequence[float], k
     return _kth_smallest_bracketed(above, scales, k - n_below - n_inside, group)
 
 
-def _count_below_and_select(values: Tensor, lo: float, hi: float) -> tuple[int, Tensor]:
-    """How many of the flat, contiguous `values` are below `lo`, and those in `[lo, hi]` (in no particular order).
+def _count_below_and_select(values: Tensor, lo: float, hi: float, expected: int) -> tuple[int, Tensor]:
+    """How many of the flat, contiguous `values` are below `lo`, and those in `[lo, hi]` (in no particular order),
+    about `expected` of them.
 
-    Two comparisons per element serve both. A boolean index scans its mask at about 1 ns per element however
-    few entries are set, so the mask is read as int64 words, 8 entries each, and only the few words holding an
-    entry inside are indexed.
+    One fused pass on large float32 CPU values (`lightning_sparse.kernels`). Elsewhere two comparisons per element
+    serve both; a boolean index scans its mask at about 1 ns per element however few entries are set, so the mask
+    is read as int64 words, 8 entries each, and only the few words holding an entry inside are indexed.
 
     Example:
-        >>> _count_below_and_select(torch.arange(10.0), 2.5, 4.0)
+        >>> _count_below_and_select(torch.arange(10.0), 2.5, 4.0, expected=2)
         (3, tensor([3., 4.]))
     """
+    fused = kernels.count_below_and_select(values, lo, hi, expected)
+    if fused is not None:
+        return fused
     at_least = values >= lo
     below = values.numel() - int(torch.count_nonzero(at_least))
     inside = at_least.logical_and_(values <= hi)

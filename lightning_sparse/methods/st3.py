@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_sparse import kernels
 from lightning_sparse.arguments import StepOrFraction, check_bool, check_real, check_step_or_fraction
 from lightning_sparse.methods.base import (
     SparseLayers,
@@ -192,9 +193,25 @@ class StraightThroughSoftThreshold(SparseParametrization):
         """
         mask, scale = local_shard(self.mask), local_shard(self.scale)
         self.threshold.fill_(threshold / width)
+        if self.rescale and total is None:
+            total = channel_totals(magnitude, self.output_axis)
+        # The paper code's 1.01 / (r + 0.01), r the kept fraction of a channel's L1 mass: about 1/r, bounded when a
+        # channel is fully pruned; its 1e-6 is added to each L1 *mean* over the channel, so here to each sum times
+        # the channel's size.
+        epsilon = 1e-6 * magnitude.numel() / max(magnitude.shape[self.output_axis], 1)
+        # All of what follows in one pass per output channel, on a float32 CPU weight with its channels first (or
+        # a shard of one: FSDP2 shards the channels, each rank holding whole ones).
+        fused = self.output_axis == 0 and kernels.st3_apply(
+            local_shard(weight).detach(), magnitude, mask, scale, total if self.rescale else None, threshold, width,
+            epsilon,
+        )  # fmt: skip
+        if fused:
+            if not is_sharded(weight):
+                self._remember(weight, magnitude)
+            return
         torch.gt(magnitude * width if width != 1.0 else magnitude, threshold, out=mask)
         if self.rescale:
-            total = channel_totals(magnitude, self.output_axis) if total is None else total
+            assert total is not None
             # Zero the pruned magnitudes in place without `mul_(mask)`, which converts the mask to a new float
             # tensor first (about 25x the time). With no width, `threshold_` is the mask's own comparison.
             if width == 1.0:
@@ -202,9 +219,6 @@ class StraightThroughSoftThreshold(SparseParametrization):
             else:
                 torch.where(mask, magnitude, magnitude.new_zeros(()), out=magnitude)
             kept = channel_totals(magnitude, self.output_axis)
-            # The paper code's 1.01 / (r + 0.01): about 1/r, bounded when a channel is fully pruned; its 1e-6 is
-            # added to each L1 *mean* over the channel, so here to each sum times the channel's size.
-            epsilon = 1e-6 * magnitude.numel() / max(magnitude.shape[self.output_axis], 1)
             kept_fraction = (kept + epsilon) / (total + epsilon)
             torch.div(1.01, kept_fraction + 0.01, out=scale)
         if weight.dtype == torch.float32 and not is_sharded(weight):

@@ -46,6 +46,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_sparse import kernels
 from lightning_sparse.arguments import StepOrFraction, check_real
 from lightning_sparse.methods.base import (
     SparseLayers,
@@ -74,7 +75,8 @@ class _SoftThreshold(torch.autograd.Function):
 
     Autograd's backward of a clamp with tensor bounds builds several masks and `where`s for each
     bound, about ten times the cost of the forward on ResNet-18's weights; the same gradients need
-    the kept gradient (`kept_gradient`: one pass on a float32 CPU weight) and one dot product.
+    the kept gradient (`kept_gradient`) and one dot product: one fused pass on a large float32 CPU
+    weight (`lightning_sparse.kernels`), four eager passes elsewhere.
     """
 
     @staticmethod
@@ -94,6 +96,9 @@ class _SoftThreshold(torch.autograd.Function):
         # Survivors (|w| > g) pass the gradient through unchanged and give g a gradient of -sign(w);
         # the others give nothing to either, ties included as relu'(0) = 0 (torch's clamp would
         # split the gradient at a tie, which bf16 weights often hit).
+        gradients = kernels.soft_threshold_backward(grad, weight.detach(), g.detach())
+        if gradients is not None:
+            return gradients
         kept = kept_gradient(grad, weight, g)
         return kept, -torch.dot(kept.flatten(), weight.sign().flatten())
 

@@ -1,0 +1,119 @@
+"""The fused CPU loops: where they serve, that they compute what the eager forms compute, and the fallback."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_sparse import kernels
+from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, channel_totals
+from lightning_sparse.methods.str_method import LearnedSoftThreshold
+from lightning_sparse.thresholds import _count_below_and_select
+
+LARGE = kernels.MIN_ELEMENTS * 4 + 5
+
+
+@pytest.fixture
+def eager_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a machine with no C compiler."""
+    monkeypatch.setattr(kernels, "_loaded", {"library": None})
+
+
+def test_the_loops_serve_only_large_contiguous_float32_cpu_tensors_outside_autograd():
+    x = torch.linspace(-1, 1, LARGE)
+    g = torch.tensor(0.5)
+    tracked = x.clone().requires_grad_()
+    assert kernels.soft_threshold_backward(tracked, x, g) is None  # the result would not be differentiable
+    with torch.no_grad():
+        assert kernels.soft_threshold_backward(tracked, x, g) is not None
+        small = x[: kernels.MIN_ELEMENTS - 1]
+        assert kernels.soft_threshold_backward(small, small, g) is None
+        assert kernels.soft_threshold_backward(x.double(), x.double(), g.double()) is None
+        assert kernels.soft_threshold_backward(x[::2], x[::2], g) is None
+        assert kernels.soft_threshold_backward(x, x, g) is not None
+
+
+def test_a_missing_compiler_warns_once_and_leaves_the_eager_forms(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(kernels, "_loaded", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    values = torch.rand(LARGE)
+    with pytest.warns(RuntimeWarning, match=r"could not build its fused CPU loops .*no C compiler.*`CC`"):
+        assert kernels.count_below_and_select(values, 0.2, 0.3, expected=10) is None
+    assert kernels.count_below_and_select(values, 0.2, 0.3, expected=10) is None  # no second warning
+    below, inside = _count_below_and_select(values, 0.2, 0.3, expected=10)  # the eager form answers
+    assert below == int((values < 0.2).sum()) and inside.numel() == int(((values >= 0.2) & (values <= 0.3)).sum())
+
+
+def test_the_library_is_built_once_into_the_cache_and_loaded_from_there(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    kernels._build()
+    built = list((tmp_path / "lightning-sparse").glob("kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    kernels._build()
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "lightning-sparse").glob("kernels-*.so")] == [stamp]
+
+
+def _str_gradients(weight: torch.Tensor, grad: torch.Tensor, str_: LearnedSoftThreshold) -> list[torch.Tensor]:
+    str_.s.grad = None
+    w = weight.clone().requires_grad_()
+    str_(w).backward(grad)
+    assert w.grad is not None and str_.s.grad is not None
+    return [w.grad, str_.s.grad.clone()]
+
+
+@pytest.mark.parametrize("shape", [(LARGE,), (96, 64, 3, 3)], ids=["flat", "conv"])
+def test_str_fused_backward_gives_the_eager_gradients(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch):
+    str_ = LearnedSoftThreshold(s_init=math.log(0.1 / 0.9))
+    g = str_.threshold().item()
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.2
+    weight.view(-1)[:3] = torch.tensor([g, -g, 0.0])  # ties are pruned and give nothing, as relu'(0) = 0
+    grad = torch.randn_like(weight)
+    fused = _str_gradients(weight, grad, str_)
+    monkeypatch.setattr(kernels, "_loaded", {"library": None})
+    eager = _str_gradients(weight, grad, str_)
+    torch.testing.assert_close(fused[0], eager[0], rtol=0, atol=0)  # elementwise: the same bits
+    torch.testing.assert_close(fused[1], eager[1], rtol=1e-5, atol=0)  # a sum, in another order
+
+
+@pytest.mark.parametrize("expected", [10**6, 1], ids=["room", "second-pass"])
+def test_fused_selection_finds_what_the_eager_comparisons_find(expected: int, monkeypatch: pytest.MonkeyPatch):
+    generator = torch.Generator().manual_seed(1)
+    for values in (torch.rand(LARGE, generator=generator), torch.rand(LARGE, generator=generator).round(decimals=2)):
+        lo, hi = 0.3, 0.31
+        fused = kernels.count_below_and_select(values, lo, hi, expected)
+        assert fused is not None
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "_loaded", {"library": None})
+            eager = _count_below_and_select(values, lo, hi, expected)
+        assert fused[0] == eager[0] == int((values < lo).sum())
+        assert torch.equal(fused[1].sort().values, eager[1].sort().values)
+
+
+@pytest.mark.parametrize(("rescale", "width"), [(True, 1.0), (False, 1.0), (True, 11.0)], ids=["st3", "plain", "sigma"])
+def test_fused_st3_update_sets_the_eager_mask_rescale_and_effective_weight(
+    rescale: bool, width: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weight = torch.randn(128, 64, 3, 3, generator=torch.Generator().manual_seed(2)) * 0.05
+    threshold = weight.abs().flatten().kthvalue(weight.numel() * 9 // 10).values.item() * width
+    results = []
+    for loops in (True, False):
+        with monkeypatch.context() as patch:
+            if not loops:
+                patch.setattr(kernels, "_loaded", {"library": None})
+            st3 = StraightThroughSoftThreshold(weight, rescale=rescale)
+            magnitude = weight.abs()
+            st3.set_threshold(weight, magnitude, threshold, width, total=channel_totals(magnitude))
+            results.append((st3.mask.clone(), st3.scale.clone(), st3(weight).detach()))
+    (mask, scale, effective), (eager_mask, eager_scale, eager_effective) = results
+    assert torch.equal(mask, eager_mask) and int((~mask).sum()) == weight.numel() * 9 // 10
+    torch.testing.assert_close(scale, eager_scale, rtol=1e-6, atol=0)  # from a sum, in another order
+    torch.testing.assert_close(effective, eager_effective, rtol=1e-6, atol=0)
