@@ -498,11 +498,16 @@ Notes:
 - ST-3's forward serves one effective weight per change of the raw weight or of its threshold buffers
   (keyed on `Tensor._version`), with an identity backward, and the threshold update leaves the new
   effective weight ready: the forward costs nothing. Its cost is the update after each optimizer step
-  (the hooks column): |w|, the per-channel sums, two comparisons that count below the sampled bracket and
-  mark the values inside it, an index of only the 8-entry words holding one, the exact selection among
-  them, the mask, the kept sums (`threshold_`) and the new effective weight (softshrink, rescale).
-- STR's forward and hand-written backward on float32 CPU weights are torch's softshrink kernels (one
-  pass each) plus `sign` and a dot product for the threshold's gradient: the "rest of step" column.
+  (the hooks column): |w| and the per-channel sums (eager), the sampled bracket, one fused pass per layer
+  that counts below the bracket and copies out the values inside it, the exact selection among those
+  (`kthvalue`), and one fused pass per layer for the mask, kept sums, rescale and new effective weight
+  (`lightning_sparse.kernels`: C loops built once per machine, single-threaded). The fused loops are not
+  torch ops: the profile table shows only what stays eager.
+- STR's forward on float32 CPU weights is torch's softshrink kernel (one pass); its backward is one fused
+  pass for the kept gradient and the threshold's dot product: the "rest of step" column. That gradient is
+  a new tensor at every step (autograd hands it to `.grad`): 4 bytes per weight of fresh memory, whose first
+  touch costs page faults, most of `_SoftThresholdBackward`'s time here (the loop itself takes about 4 ms
+  over 11.2 M weights). Dense pays that once per step for its own gradient, STR twice.
 - ModelPruning prunes only at epoch ends (here every `--epoch-batches` steps); between prunes a forward
   pre-hook multiplies `weight_orig` by a float mask. Its memory holds `weight_orig`, the float mask and
   the masked weight for every pruned layer.

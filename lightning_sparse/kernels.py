@@ -175,6 +175,7 @@ def _build() -> ctypes.CDLL:
     cache.mkdir(parents=True, exist_ok=True)
     # `-march=native` for the vector width and byte stores; keyed by the CPU, as a home directory can be shared by
     # machines with different CPUs. Without it (a compiler that refuses it) the loops are correct, only slower.
+    errors = []
     for flags in (["-O3", "-march=native"], ["-O3"]):
         key = hashlib.sha256("\n".join([_SOURCE, compiler, *flags, _cpu()]).encode()).hexdigest()[:16]
         library = cache / f"kernels-{key}.so"
@@ -183,7 +184,9 @@ def _build() -> ctypes.CDLL:
                 source, built = Path(scratch) / "kernels.c", Path(scratch) / "kernels.so"
                 source.write_text(_SOURCE)
                 command = [compiler, *flags, "-shared", "-fPIC", str(source), "-o", str(built), "-lm"]
-                if subprocess.run(command, capture_output=True).returncode:
+                run = subprocess.run(command, capture_output=True, text=True)
+                if run.returncode:
+                    errors.append(next(iter(run.stderr.strip().splitlines()), f"exit status {run.returncode}"))
                     continue
                 # Atomic: processes building at once (DDP ranks) each install a whole library.
                 os.replace(built, library)
@@ -192,7 +195,7 @@ def _build() -> ctypes.CDLL:
             function = getattr(loaded, name)
             function.restype, function.argtypes = result, arguments
         return loaded
-    raise OSError(f"`{compiler}` failed to compile them")
+    raise OSError(f"`{compiler}` failed to compile them: {errors[-1]}")
 
 
 def _cpu() -> str:

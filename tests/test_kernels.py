@@ -5,13 +5,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
-from lightning_sparse import kernels
+from lightning_sparse import SparsityCallback, kernels
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, channel_totals
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from lightning_sparse.thresholds import _count_below_and_select
+from models import LENGTH, Crash, TinyNet, make_trainer
 
 LARGE = kernels.MIN_ELEMENTS * 4 + 5
 
@@ -36,14 +40,19 @@ def test_the_loops_serve_only_large_contiguous_float32_cpu_tensors_outside_autog
         assert kernels.soft_threshold_backward(x, x, g) is not None
 
 
-def test_a_missing_compiler_warns_once_and_leaves_the_eager_forms(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+@pytest.mark.parametrize(
+    ("compiler", "reason"),
+    [("no-such-cc", "no C compiler"), ("false", "failed to compile them")],
+    ids=["missing", "failing"],
+)
+def test_a_missing_or_failing_compiler_warns_once_and_leaves_the_eager_forms(
+    compiler: str, reason: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(kernels, "_loaded", {})
-    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("CC", compiler)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     values = torch.rand(LARGE)
-    with pytest.warns(RuntimeWarning, match=r"could not build its fused CPU loops .*no C compiler.*`CC`"):
+    with pytest.warns(RuntimeWarning, match=rf"could not build its fused CPU loops .*{reason}.*`CC`"):
         assert kernels.count_below_and_select(values, 0.2, 0.3, expected=10) is None
     assert kernels.count_below_and_select(values, 0.2, 0.3, expected=10) is None  # no second warning
     below, inside = _count_below_and_select(values, 0.2, 0.3, expected=10)  # the eager form answers
@@ -117,3 +126,50 @@ def test_fused_st3_update_sets_the_eager_mask_rescale_and_effective_weight(
     assert torch.equal(mask, eager_mask) and int((~mask).sum()) == weight.numel() * 9 // 10
     torch.testing.assert_close(scale, eager_scale, rtol=1e-6, atol=0)  # from a sum, in another order
     torch.testing.assert_close(effective, eager_effective, rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------ in a Trainer
+
+
+class WideNet(TinyNet):
+    """TinyNet with a hidden layer of 8,192 weights: large enough for the fused loops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(1, 64, 3, padding=1)
+        self.fc = nn.Sequential(nn.Linear(64 * LENGTH, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def _fit(root: Path, method: str, *extra: pl.Callback, ckpt_path: Path | None = None) -> WideNet:
+    torch.manual_seed(0)
+    model = WideNet()
+    args = {"target_sparsity": 0.9, "end": 0.5} if method == "st3" else {"s_init": -5.0, "threshold_decay": 1e-2}
+    checkpoints = ModelCheckpoint(dirpath=root, save_top_k=-1, filename="{epoch}")
+    trainer = make_trainer(root, max_epochs=4, enable_checkpointing=True, callbacks=[
+        SparsityCallback(method, **args), checkpoints, *extra])  # fmt: skip
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.parametrize("method", ["st3", "str"])
+def test_a_fit_through_the_fused_loops_reaches_its_target_and_resumes_exactly(
+    method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = []
+    for name in ("st3_apply", "soft_threshold_backward"):
+        loop = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _loop=loop, _name=name: served.append(_name) or _loop(*a))
+    full = _fit(tmp_path / "full", method)
+    assert served.count("st3_apply" if method == "st3" else "soft_threshold_backward") >= 4 * 8
+
+    hidden = full.fc[0].weight
+    if method == "st3":  # the exact target over every sparsified weight
+        weights = [full.conv.weight, hidden, full.fc[2].weight]
+        assert sum(int((w == 0).sum()) for w in weights) == round(0.9 * sum(w.numel() for w in weights))
+    assert (hidden == 0).any()
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(tmp_path / "crashed", method, Crash(2))
+    resumed = _fit(tmp_path / "resumed", method, ckpt_path=tmp_path / "crashed" / "epoch=1.ckpt")
+    for name, value in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
