@@ -133,16 +133,16 @@ void st3_apply(const float *restrict weight, float *restrict effective, uint8_t 
 }
 """
 
-_FLOAT_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_POINTER, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "soft_threshold_backward": (ctypes.c_double, [_FLOAT_P, _FLOAT_P, ctypes.c_float, _FLOAT_P, _I64]),
+    "soft_threshold_backward": (ctypes.c_double, [_POINTER, _POINTER, ctypes.c_float, _POINTER, _I64]),
     "count_below_and_select": (
         _I64,
-        [_FLOAT_P, _I64, ctypes.c_float, ctypes.c_float, _FLOAT_P, _I64, ctypes.POINTER(_I64)],
+        [_POINTER, _I64, ctypes.c_float, ctypes.c_float, _POINTER, _I64, ctypes.POINTER(_I64)],
     ),
     "st3_apply": (
         None,
-        [_FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P, _FLOAT_P, _I64, _I64] + [ctypes.c_float] * 4 + [ctypes.c_int],
+        [_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _I64, _I64] + [ctypes.c_float] * 4 + [ctypes.c_int],
     ),
 }
 # The loaded library, or None once building it failed (then the eager forms run): see `_library`.
@@ -150,6 +150,7 @@ _loaded: dict[str, ctypes.CDLL | None] = {}
 
 
 def _library() -> ctypes.CDLL | None:
+    """The loops, built on the first call; None, with one warning, if they cannot be."""
     if "library" not in _loaded:
         try:
             _loaded["library"] = _build()
