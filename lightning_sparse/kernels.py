@@ -253,14 +253,20 @@ def count_below_and_select(values: Tensor, lo: float, hi: float, expected: int) 
     if library is None:
         return None
     found = ctypes.c_int64()
-    for room in (expected, None):
-        inside = torch.empty((room if room is not None else found.value) + 16, dtype=torch.float32)
-        below = library.count_below_and_select(
-            values.data_ptr(), values.numel(), lo, hi, inside.data_ptr(), inside.numel(), ctypes.byref(found)
+
+    def select(inside: Tensor) -> int:
+        return int(
+            library.count_below_and_select(
+                values.data_ptr(), values.numel(), lo, hi, inside.data_ptr(), inside.numel(), ctypes.byref(found)
+            )
         )
-        if found.value + 16 <= inside.numel():
-            return below, inside[: found.value]
-    raise AssertionError("unreachable: the second pass has room for every value the first found")
+
+    inside = torch.empty(expected + 16, dtype=torch.float32)
+    below = select(inside)
+    if found.value + 16 > inside.numel():  # more than expected: once more, with room for all
+        inside = torch.empty(found.value + 16, dtype=torch.float32)
+        below = select(inside)
+    return below, inside[: found.value]
 
 
 def st3_apply(
