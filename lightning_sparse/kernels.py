@@ -25,12 +25,20 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-__all__ = ["MIN_ELEMENTS", "count_below_and_select", "soft_threshold_backward", "st3_apply"]
+__all__ = [
+    "MIN_ELEMENTS",
+    "abs_row_sums",
+    "count_below_and_select",
+    "select_ranks",
+    "soft_threshold_backward",
+    "st3_apply",
+]
 
 MIN_ELEMENTS = 1 << 12
 """Below this many entries the eager forms are as fast: a call here costs a few microseconds."""
@@ -39,6 +47,9 @@ MIN_ELEMENTS = 1 << 12
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 double soft_threshold_backward(const float *restrict grad, const float *restrict weight, float g,
                                float *restrict kept, int64_t n) {
@@ -60,17 +71,32 @@ double soft_threshold_backward(const float *restrict grad, const float *restrict
     return total;
 }
 
-/* Counts below `lo` and copies out those in [lo, hi]: a vector pass counts both per block of 16, and only the
-   blocks holding one are copied, without branches (each entry stored, the end advanced by whether it is inside).
-   Stores stop 16 short of `capacity`; the count does not: all were stored iff the count + 16 <= capacity. */
-int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, float hi, float *restrict inside,
-                               int64_t capacity, int64_t *n_inside) {
+/* Counts below `lo` and copies out those in [lo, hi] (of |v| with `absolute`), in their order, branch-free: each
+   entry is stored and the end advanced by whether it is inside. Stores stop 16 short of `capacity`; the count does
+   not: all were stored iff the count + 16 <= capacity. */
+int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, float hi, int absolute,
+                               float *restrict inside, int64_t capacity, int64_t *n_inside) {
     int64_t below = 0, m = 0, i = 0;
+#ifdef __AVX512F__
+    /* Compress packs a block's entries inside to the front of a register, which is stored whole. */
+    __m512i lanes = _mm512_setzero_si512();
+    const __m512 low = _mm512_set1_ps(lo), high = _mm512_set1_ps(hi);
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(v + i);
+        if (absolute) x = _mm512_abs_ps(x);
+        lanes = _mm512_mask_add_epi32(lanes, _mm512_cmp_ps_mask(x, low, _CMP_LT_OQ), lanes, _mm512_set1_epi32(1));
+        __mmask16 in = _mm512_cmp_ps_mask(x, low, _CMP_GE_OQ) & _mm512_cmp_ps_mask(x, high, _CMP_LE_OQ);
+        if (m + 16 <= capacity) _mm512_storeu_ps(inside + m, _mm512_maskz_compress_ps(in, x));
+        m += __builtin_popcount(in);
+    }
+    below = _mm512_reduce_add_epi32(lanes);
+#else
+    /* A vector pass counts both per block of 16; only the blocks holding one are copied. */
     for (; i + 256 <= n; i += 256) {
         int b = 0, in[16] = {0};
         for (int k = 0; k < 16; k++)
             for (int j = 0; j < 16; j++) {
-                float x = v[i + 16 * k + j];
+                float x = absolute ? fabsf(v[i + 16 * k + j]) : v[i + 16 * k + j];
                 b += x < lo;
                 in[k] += (x >= lo) & (x <= hi);
             }
@@ -82,14 +108,15 @@ int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, flo
                 continue;
             }
             for (int j = 0; j < 16; j++) {
-                float x = v[i + 16 * k + j];
+                float x = absolute ? fabsf(v[i + 16 * k + j]) : v[i + 16 * k + j];
                 inside[m] = x;
                 m += (x >= lo) & (x <= hi);
             }
         }
     }
+#endif
     for (; i < n; i++) {
-        float x = v[i];
+        float x = absolute ? fabsf(v[i]) : v[i];
         below += x < lo;
         if (x >= lo && x <= hi) {
             if (m + 16 <= capacity) inside[m] = x;
@@ -100,6 +127,78 @@ int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, flo
     return below;
 }
 
+/* Moves the entries of v[left..right] below `pivot` (or equal to it, with `or_equal`) to its front and returns where
+   the others start: a swap per entry and no branch, which a comparison on random data mispredicts half the time. */
+static int64_t partition(float *restrict v, int64_t left, int64_t right, float pivot, int or_equal) {
+    int64_t front = left;
+    for (int64_t i = left; i <= right; i++) {
+        float x = v[i];
+        int moves = or_equal ? x <= pivot : x < pivot;
+        v[i] = v[front];
+        v[front] = x;
+        front += moves;
+    }
+    return front;
+}
+
+/* The ranks[0] > ranks[1] > ... (from 1) smallest of `v`, reordering it: quickselect in three parts (below, equal,
+   above) so that ties cannot stall it, each rank's search confined to the part left of the previous rank. The pivot
+   is the median of three entries at pseudo-random (but fixed) places, as any fixed places have inputs, sorted ones
+   among them, that make every round a bad one. Returns 0, or 1 if a search took more rounds than the caller should
+   wait for (then it selects another way). */
+int select_ranks(float *restrict v, int64_t n, const int64_t *ranks, int count, float *restrict found) {
+    int64_t right = n - 1;
+    uint64_t state = 0x9E3779B97F4A7C15u;
+    for (int r = 0; r < count; r++) {
+        int64_t k = ranks[r] - 1, left = 0;
+        for (int round = 0; left < right; round++) {
+            if (round > 200) return 1;
+            float three[3];
+            for (int t = 0; t < 3; t++) {
+                state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+                three[t] = v[left + (int64_t)(state % (uint64_t)(right - left + 1))];
+            }
+            float a = three[0], b = three[1], c = three[2];
+            float pivot = a < b ? (b < c ? b : (a < c ? c : a)) : (a < c ? a : (b < c ? c : b));
+            int64_t below = partition(v, left, right, pivot, 0);
+            if (k < below) {
+                right = below - 1;
+                continue;
+            }
+            int64_t equal = partition(v, below, right, pivot, 1);
+            if (k < equal) break; /* v[k] is the pivot */
+            left = equal;
+        }
+        found[r] = v[k];
+        right = k - 1;
+    }
+    return 0;
+}
+
+/* A row's sum of |w|, or with `prune` of those with |w| * width > threshold: in the same order either way, so a row
+   with nothing pruned keeps its total exactly. */
+static inline float abs_sum(const float *restrict w, int64_t cols, int prune, float threshold, float width) {
+    float lanes[16] = {0};
+    double sum = 0.0;
+    int64_t c = 0;
+    for (; c + 16 <= cols; c += 16)
+        for (int j = 0; j < 16; j++) {
+            float a = fabsf(w[c + j]);
+            lanes[j] += !prune || a * width > threshold ? a : 0.0f;
+        }
+    for (; c < cols; c++) {
+        float a = fabsf(w[c]);
+        sum += !prune || a * width > threshold ? a : 0.0f;
+    }
+    for (int j = 0; j < 16; j++) sum += lanes[j];
+    return (float)sum;
+}
+
+void abs_row_sums(const float *restrict weight, int64_t rows, int64_t cols, float *restrict sums) {
+    for (int64_t r = 0; r < rows; r++) sums[r] = abs_sum(weight + r * cols, cols, 0, 0.0f, 1.0f);
+}
+
+/* `effective` may be NULL: a sharded weight's is not kept. */
 void st3_apply(const float *restrict weight, float *restrict effective, uint8_t *restrict mask,
                float *restrict scale, const float *restrict total, int64_t rows, int64_t cols, float threshold,
                float width, float shrink, float epsilon, int rescale) {
@@ -107,44 +206,34 @@ void st3_apply(const float *restrict weight, float *restrict effective, uint8_t 
         const float *w = weight + r * cols;
         float s = 1.0f;
         if (rescale) {
-            float lanes[16] = {0};
-            double kept = 0.0;
-            int64_t c = 0;
-            for (; c + 16 <= cols; c += 16)
-                for (int j = 0; j < 16; j++) {
-                    float a = fabsf(w[c + j]);
-                    lanes[j] += a * width > threshold ? a : 0.0f;
-                }
-            for (; c < cols; c++) {
-                float a = fabsf(w[c]);
-                kept += a * width > threshold ? a : 0.0f;
-            }
-            for (int j = 0; j < 16; j++) kept += lanes[j];
-            float fraction = ((float)kept + epsilon) / (total[r] + epsilon);
+            float fraction = (abs_sum(w, cols, 1, threshold, width) + epsilon) / (total[r] + epsilon);
             s = 1.01f / (fraction + 0.01f);
             scale[r] = s;
         }
-        for (int64_t c = 0; c < cols; c++) {
-            float x = w[c];
-            mask[r * cols + c] = fabsf(x) * width > threshold;
-            effective[r * cols + c] = (x > shrink ? x - shrink : (x < -shrink ? x + shrink : 0.0f)) * s;
-        }
+        for (int64_t c = 0; c < cols; c++) mask[r * cols + c] = fabsf(w[c]) * width > threshold;
+        if (effective)
+            for (int64_t c = 0; c < cols; c++) {
+                float x = w[c];
+                effective[r * cols + c] = (x > shrink ? x - shrink : (x < -shrink ? x + shrink : 0.0f)) * s;
+            }
     }
 }
 """
 
-_POINTER, _I64 = ctypes.c_void_p, ctypes.c_int64
+_POINTER, _I64, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "soft_threshold_backward": (ctypes.c_double, [_POINTER, _POINTER, ctypes.c_float, _POINTER, _I64]),
+    "soft_threshold_backward": (ctypes.c_double, [_POINTER, _POINTER, _FLOAT, _POINTER, _I64]),
     "count_below_and_select": (
         _I64,
-        [_POINTER, _I64, ctypes.c_float, ctypes.c_float, _POINTER, _I64, ctypes.POINTER(_I64)],
+        [_POINTER, _I64, _FLOAT, _FLOAT, ctypes.c_int, _POINTER, _I64, ctypes.POINTER(_I64)],
     ),
-    "st3_apply": (
-        None,
-        [_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _I64, _I64] + [ctypes.c_float] * 4 + [ctypes.c_int],
-    ),
+    "select_ranks": (ctypes.c_int, [_POINTER, _I64, _POINTER, ctypes.c_int, _POINTER]),
+    "abs_row_sums": (None, [_POINTER, _I64, _I64, _POINTER]),
+    "st3_apply": (None, [_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _I64, _I64] + [_FLOAT] * 4 + [ctypes.c_int]),
 }
+# Tried in turn. `-march=native` for the vector width and byte stores (and AVX-512's compress, where the CPU has it);
+# without it (a compiler that refuses it) the loops are correct, only slower.
+_FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 # The loaded library, or None once building it failed (then the eager forms run): see `_library`.
 _loaded: dict[str, ctypes.CDLL | None] = {}
 
@@ -174,10 +263,9 @@ def _build() -> ctypes.CDLL:
         raise OSError(f"no C compiler `{compiler}`")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightning-sparse"
     cache.mkdir(parents=True, exist_ok=True)
-    # `-march=native` for the vector width and byte stores; keyed by the CPU, as a home directory can be shared by
-    # machines with different CPUs. Without it (a compiler that refuses it) the loops are correct, only slower.
+    # Keyed by the CPU, as a home directory can be shared by machines with different CPUs.
     errors = []
-    for flags in (["-O3", "-march=native"], ["-O3"]):
+    for flags in _FLAG_SETS:
         key = hashlib.sha256("\n".join([_SOURCE, compiler, *flags, _cpu()]).encode()).hexdigest()[:16]
         library = cache / f"kernels-{key}.so"
         if not library.exists():
@@ -241,12 +329,17 @@ def soft_threshold_backward(grad: Tensor, weight: Tensor, threshold: Tensor) -> 
     return kept, torch.tensor(-total, dtype=torch.float32)
 
 
-def count_below_and_select(values: Tensor, lo: float, hi: float, expected: int) -> tuple[int, Tensor] | None:
-    """How many of the flat `values` are below `lo`, and those in `[lo, hi]` (in their order), in one pass; room is
-    made for `expected` of them (one more pass if there are more). None where the fused loop does not serve.
+def count_below_and_select(
+    values: Tensor, lo: float, hi: float, expected: int, absolute: bool = False
+) -> tuple[int, Tensor] | None:
+    """How many of the flat `values` (their magnitudes, with `absolute`) are below `lo`, and those in `[lo, hi]` (in
+    their order), in one pass; room is made for `expected` of them (one more pass if there are more). None where
+    the fused loop does not serve.
 
     Example:
         >>> count_below_and_select(torch.arange(float(MIN_ELEMENTS)), 2.5, 4.0, expected=2)
+        (3, tensor([3., 4.]))
+        >>> count_below_and_select(-torch.arange(float(MIN_ELEMENTS)), 2.5, 4.0, expected=2, absolute=True)
         (3, tensor([3., 4.]))
     """
     library = _servable(values)
@@ -257,9 +350,10 @@ def count_below_and_select(values: Tensor, lo: float, hi: float, expected: int) 
     def select(inside: Tensor) -> int:
         return int(
             library.count_below_and_select(
-                values.data_ptr(), values.numel(), lo, hi, inside.data_ptr(), inside.numel(), ctypes.byref(found)
+                values.data_ptr(), values.numel(), lo, hi, absolute, inside.data_ptr(), inside.numel(),
+                ctypes.byref(found),
             )
-        )
+        )  # fmt: skip
 
     inside = torch.empty(expected + 16, dtype=torch.float32)
     below = select(inside)
@@ -269,9 +363,49 @@ def count_below_and_select(values: Tensor, lo: float, hi: float, expected: int) 
     return below, inside[: found.value]
 
 
+def select_ranks(values: Tensor, ranks: Sequence[int]) -> list[float] | None:
+    """The `ranks`-th smallest (from 1, each in `[1, values.numel()]`) of the flat `values`, which it reorders: a
+    quickselect, where `kthvalue` copies and sorts more. None where the loop does not serve (nothing is reordered),
+    or if it would take too long (a pathological order; then `values` are reordered).
+
+    Example:
+        >>> values = torch.arange(float(MIN_ELEMENTS)).flip(0)
+        >>> select_ranks(values, [1, 100, MIN_ELEMENTS])
+        [0.0, 99.0, 4095.0]
+    """
+    library = _servable(values)
+    if library is None or bool(values.isnan().any()):
+        return None
+    # The loop takes distinct ranks, largest first: each search then stays left of the one before.
+    distinct = sorted(set(ranks), reverse=True)
+    wanted = torch.tensor(distinct, dtype=torch.int64)
+    found = torch.empty(len(distinct), dtype=torch.float32)
+    if library.select_ranks(values.data_ptr(), values.numel(), wanted.data_ptr(), len(distinct), found.data_ptr()):
+        return None
+    by_rank = dict(zip(distinct, found.tolist(), strict=True))
+    return [by_rank[rank] for rank in ranks]
+
+
+def abs_row_sums(weight: Tensor) -> Tensor | None:
+    """Each output channel's L1 mass, `|weight|` summed over all but the first dimension (kept, as size 1), in one
+    pass and in the order `st3_apply` sums the kept part in. None where the loop does not serve.
+
+    Example:
+        >>> abs_row_sums(-torch.ones(2, MIN_ELEMENTS)).flatten().tolist()
+        [4096.0, 4096.0]
+    """
+    library = _servable(weight)
+    if library is None:
+        return None
+    rows = weight.shape[0] if weight.dim() else 1
+    sums = torch.empty((rows,) + (1,) * (weight.dim() - 1), dtype=torch.float32)
+    library.abs_row_sums(weight.data_ptr(), rows, weight.numel() // rows, sums.data_ptr())
+    return sums
+
+
 def st3_apply(
     weight: Tensor,
-    effective: Tensor,
+    effective: Tensor | None,
     mask: Tensor,
     scale: Tensor,
     total: Tensor | None,
@@ -279,18 +413,19 @@ def st3_apply(
     width: float,
     epsilon: float,
 ) -> bool:
-    """ST-3's mask (`|w| * width > threshold`), the channel rescale from the kept L1 mass over `total` (if given), and
-    the effective weight `softshrink(w, threshold / width) * scale` into `effective`, in one pass over each output
-    channel (the rows of `weight`, channels first). False where the fused loop does not serve: nothing is written.
+    """ST-3's mask (`|w| * width > threshold`), the channel rescale from the kept L1 mass over `total` (if given, from
+    `abs_row_sums`), and the effective weight `softshrink(w, threshold / width) * scale` into `effective` (if given),
+    in one pass over each output channel (the rows of `weight`, channels first). False where the fused loop does
+    not serve: nothing is written.
     """
-    tensors = [weight, effective, scale] + ([total] if total is not None else [])
+    tensors = [weight, scale] + [t for t in (effective, total) if t is not None]
     library = _servable(*tensors)
     if library is None or mask.dtype != torch.bool or not mask.is_contiguous() or weight.dim() == 0:
         return False
     rows = weight.shape[0]
     library.st3_apply(
-        weight.data_ptr(), effective.data_ptr(), mask.data_ptr(), scale.data_ptr(),
-        total.data_ptr() if total is not None else None, rows, weight.numel() // rows,
+        weight.data_ptr(), effective.data_ptr() if effective is not None else None, mask.data_ptr(),
+        scale.data_ptr(), total.data_ptr() if total is not None else None, rows, weight.numel() // rows,
         threshold, width, threshold / width, epsilon, total is not None,
     )  # fmt: skip
     return True

@@ -15,6 +15,10 @@ Small inputs are selected directly. Above 2 x 2^16 elements:
    `(k - below)`-th smallest inside, selected exactly. If the bracket missed (`k` not in
    `(below, below + inside]`), the selection is over all values.
 
+Magnitude thresholds take `|w|` as each step reads the weights, so no copy of the magnitudes is ever made but
+for the bracket's values. The order statistics of steps 2 and 3 come from a fused quickselect where it serves,
+else `kthvalue`: the same value either way.
+
 Sharded (FSDP2: each rank holds a shard of every weight, `group` is their process group), the same three
 steps run on each rank's shards with collectives in between, and no rank ever gathers the weights:
 
@@ -94,24 +98,25 @@ def count_non_finite(weights: Mapping[str, Tensor]) -> dict[str, tuple[int, int]
 
 
 def global_magnitude_threshold(
-    magnitudes: Sequence[Tensor], sparsity: float, scales: Sequence[float] | None = None, group: Group = None
+    weights: Sequence[Tensor], sparsity: float, scales: Sequence[float] | None = None, group: Group = None
 ) -> float:
-    """Return `tau` such that a `sparsity` fraction of all `magnitudes[i] * scales[i]` is `<= tau`.
+    """Return `tau` such that a `sparsity` fraction of all magnitudes `|weights[i]| * scales[i]` is `<= tau`.
 
-    Exact: pruning every element with `magnitude * scale <= tau` zeroes `round(sparsity * n)`
+    Exact: pruning every element with `|weight| * scale <= tau` zeroes `round(sparsity * n)`
     elements (plus exact ties). Returns 0.0 for zero sparsity. Deterministic, and it does not
-    touch the global RNG, so DDP ranks and resumed runs agree. With a process `group`, `magnitudes` are
-    this rank's shards and `n` counts every rank's (see the module's docstring).
+    touch the global RNG, so DDP ranks and resumed runs agree. With a process `group`, `weights` are
+    this rank's shards and `n` counts every rank's (see the module's docstring). The magnitudes are taken
+    as they are read, never stored: a weight is read, not copied.
 
     Example:
-        >>> global_magnitude_threshold([torch.tensor([3.0, 1.0]), torch.tensor([2.0, 4.0])], 0.5)
+        >>> global_magnitude_threshold([torch.tensor([3.0, -1.0]), torch.tensor([-2.0, 4.0])], 0.5)
         2.0
     """
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
-    scales = list(scales) if scales is not None else [1.0] * len(magnitudes)
-    k = round(sparsity * _global_numel(magnitudes, group))
-    return _kth_smallest_bracketed(magnitudes, scales, k, group) if k else 0.0
+    scales = list(scales) if scales is not None else [1.0] * len(weights)
+    k = round(sparsity * _global_numel(weights, group))
+    return _kth_smallest_bracketed(weights, scales, k, group, absolute=True) if k else 0.0
 
 
 def min_kept_per_layer(sizes: Sequence[int], min_density: float) -> list[int]:
@@ -126,13 +131,13 @@ def min_kept_per_layer(sizes: Sequence[int], min_density: float) -> list[int]:
 
 
 def floored_magnitude_thresholds(
-    magnitudes: Sequence[Tensor],
+    weights: Sequence[Tensor],
     sparsity: float,
     min_kept: Sequence[int],
     scales: Sequence[float] | None = None,
     group: Group = None,
 ) -> tuple[float, list[float]]:
-    """The global threshold `tau` and each layer's threshold, so that pruning `magnitude * scale <= threshold` in
+    """The global threshold `tau` and each layer's threshold, so that pruning `|weight| * scale <= threshold` in
     every layer prunes `round(sparsity * n)` of all `n` elements (up to exact ties) while layer `i` keeps at least
     `min_kept[i]` of its elements.
 
@@ -151,8 +156,8 @@ def floored_magnitude_thresholds(
     `global_magnitude_threshold`) and one counting pass; each floored layer, one selection of its own. No sort.
     With no floors (all zero) it is `global_magnitude_threshold`, at the same cost.
 
-    Thresholds are in the units of `magnitude * scale`; a layer that keeps everything gets 0.0. With a process
-    `group`, `magnitudes` are this rank's shards, and sizes, counts and selections are over every rank's.
+    Thresholds are in the units of `|weight| * scale`; a layer that keeps everything gets 0.0. With a process
+    `group`, `weights` are this rank's shards, and sizes, counts and selections are over every rank's.
 
     Example:
         >>> small, large = torch.tensor([0.25, 0.5, 0.75]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
@@ -161,8 +166,8 @@ def floored_magnitude_thresholds(
         >>> floored_magnitude_thresholds([small, large], 0.5, min_kept=[1, 1])  # `small` keeps its largest
         (2.0, [0.5, 2.0])
     """
-    scales = list(scales) if scales is not None else [1.0] * len(magnitudes)
-    sizes = _global_sizes(magnitudes, group)
+    scales = list(scales) if scales is not None else [1.0] * len(weights)
+    sizes = _global_sizes(weights, group)
     if len(min_kept) != len(sizes) or any(not 0 <= f <= n for f, n in zip(min_kept, sizes, strict=True)):
         raise ValueError(f"min_kept must give each layer a count in [0, its size {sizes}], got {list(min_kept)}")
     if not 0.0 <= sparsity < 1.0:
@@ -180,21 +185,24 @@ def floored_magnitude_thresholds(
         # What the layers not floored must prune so that, with the floored layers at their floors, `kept` remain.
         prune = sum(sizes[i] for i in rest) - (kept - sum(min_kept[i] for i in floored))
         if prune > 0:
-            tau = _kth_smallest_bracketed([magnitudes[i] for i in rest], [scales[i] for i in rest], prune, group)
+            tau = _kth_smallest_bracketed(
+                [weights[i] for i in rest], [scales[i] for i in rest], prune, group, absolute=True
+            )
         else:  # Only through exact ties at a threshold: the others keep everything, or every layer is floored.
             tau = max([0.0, *floored.values()]) if not rest else 0.0
         candidates = [i for i in rest if min_kept[i]]
         if not candidates:
             break
         counts = all_sum(
-            torch.stack([torch.count_nonzero(_scaled(magnitudes[i], scales[i]) > tau) for i in candidates]), group
+            torch.stack([torch.count_nonzero(_scaled(weights[i].abs(), scales[i]) > tau) for i in candidates]), group
         )
         below = [i for i, count in zip(candidates, counts.tolist(), strict=True) if count < min_kept[i]]
         if not below:
             break
         for i in below:
             prune_own = sizes[i] - min_kept[i]
-            floored[i] = _kth_smallest_bracketed([magnitudes[i]], [scales[i]], prune_own, group) if prune_own else 0.0
+            own = [weights[i]], [scales[i]], prune_own, group
+            floored[i] = _kth_smallest_bracketed(*own, absolute=True) if prune_own else 0.0
     return tau, [floored.get(i, tau) for i in range(len(sizes))]
 
 
@@ -224,16 +232,19 @@ def kth_smallest(values: Sequence[Tensor], k: int, scales: Sequence[float] | Non
     return _kth_smallest_bracketed(values, scales, k, group)
 
 
-def _kth_smallest_bracketed(values: Sequence[Tensor], scales: Sequence[float], k: int, group: Group) -> float:
-    """The `k`-th smallest (from 1) of all `values[i] * scales[i]` over the ranks of `group`."""
+def _kth_smallest_bracketed(
+    values: Sequence[Tensor], scales: Sequence[float], k: int, group: Group, absolute: bool = False
+) -> float:
+    """The `k`-th smallest (from 1) of all `values[i] * scales[i]` over the ranks of `group`; of the magnitudes
+    `|values[i]| * scales[i]` with `absolute`."""
     total = _global_numel(values, group)
     stride = total // _SAMPLE_SIZE
     if stride < 2:
-        return _kth_smallest(values, scales, k, group)
+        return _kth_smallest(_magnitudes(values) if absolute else values, scales, k, group)
 
     # Flat views: a boolean index into a 4-D weight builds four index tensors, 2-3x the time of one.
     values = [v.reshape(-1) for v in values]
-    local = [_promoted(v[::stride]) * s for v, s in zip(values, scales, strict=True)]
+    local = [_scaled(v[::stride].abs() if absolute else v[::stride], s) for v, s in zip(values, scales, strict=True)]
     sample = all_gather_cat(torch.cat(local), group)
     m = sample.numel()
     q = k / total
@@ -241,18 +252,22 @@ def _kth_smallest_bracketed(values: Sequence[Tensor], scales: Sequence[float], k
     # and then the selection below still gives the right answer.
     margin = 5.0 * math.sqrt(q * (1.0 - q) / m) + 1.0 / m
     lo_rank, hi_rank = math.floor((q - margin) * m), math.ceil((q + margin) * m)
-    lo = sample.kthvalue(lo_rank).values.item() if lo_rank >= 1 else -math.inf
-    hi = sample.kthvalue(hi_rank).values.item() if hi_rank <= m else math.inf
+    ranks = [rank for rank in (lo_rank, hi_rank) if 1 <= rank <= m]
+    bounds = dict(zip(ranks, _select_ranks(sample, ranks), strict=True))
+    lo, hi = bounds.get(lo_rank, -math.inf), bounds.get(hi_rank, math.inf)
     below, inside = 0, []
     for v, s in zip(values, scales, strict=True):
-        # Room for twice a layer's share of the bracket: a layer holds more of it only by chance or by scale.
-        n_below, v_inside = _count_below_and_select(v, lo / s, hi / s, 2 * (hi_rank - lo_rank) * v.numel() // m + 1)
+        # Room is address space, not memory, until written: room for four times a layer's share of the bracket
+        # (it holds more only by chance or by scale) makes a second pass rare.
+        room = min(v.numel(), 4 * (hi_rank - lo_rank) * v.numel() // m + 1024)
+        n_below, v_inside = _count_below_and_select(v, lo / s, hi / s, room, absolute)
         below += n_below
         inside.append(v_inside)
     counts = torch.tensor([below, sum(x.numel() for x in inside)], device=values[0].device)
     n_below, n_inside = all_sum(counts, group).tolist()
     if n_below < k <= n_below + n_inside:
         return _kth_smallest(inside, scales, k - n_below, group)
+    values = _magnitudes(values) if absolute else values
     if group is None:
         return _kth_smallest(values, scales, k, group)
     # Sharded, the bracket missed (as rarely as above): select again among the values on the side of the
@@ -263,21 +278,29 @@ def _kth_smallest_bracketed(values: Sequence[Tensor], scales: Sequence[float], k
     return _kth_smallest_bracketed(above, scales, k - n_below - n_inside, group)
 
 
-def _count_below_and_select(values: Tensor, lo: float, hi: float, expected: int) -> tuple[int, Tensor]:
-    """How many of the flat, contiguous `values` are below `lo`, and those in `[lo, hi]` (in no particular order),
-    about `expected` of them.
+def _magnitudes(values: Sequence[Tensor]) -> list[Tensor]:
+    return [v.abs() for v in values]
 
-    One fused pass on large float32 CPU values (`lightning_sparse.kernels`). Elsewhere two comparisons per element
-    serve both; a boolean index scans its mask at about 1 ns per element however few entries are set, so the mask
-    is read as int64 words, 8 entries each, and only the few words holding an entry inside are indexed.
+
+def _count_below_and_select(
+    values: Tensor, lo: float, hi: float, expected: int, absolute: bool = False
+) -> tuple[int, Tensor]:
+    """How many of the flat, contiguous `values` (of their magnitudes, with `absolute`) are below `lo`, and those in
+    `[lo, hi]` (in no particular order), about `expected` of them.
+
+    One fused pass on large float32 CPU values (`lightning_sparse.kernels`), which takes the magnitudes as it
+    reads. Elsewhere two comparisons per element serve both; a boolean index scans its mask at about 1 ns per
+    element however few entries are set, so the mask is read as int64 words, 8 entries each, and only the few
+    words holding an entry inside are indexed.
 
     Example:
         >>> _count_below_and_select(torch.arange(10.0), 2.5, 4.0, expected=2)
         (3, tensor([3., 4.]))
     """
-    fused = kernels.count_below_and_select(values, lo, hi, expected)
+    fused = kernels.count_below_and_select(values, lo, hi, expected, absolute)
     if fused is not None:
         return fused
+    values = values.abs() if absolute else values
     at_least = values >= lo
     below = values.numel() - int(torch.count_nonzero(at_least))
     inside = at_least.logical_and_(values <= hi)
@@ -292,7 +315,15 @@ def _count_below_and_select(values: Tensor, lo: float, hi: float, expected: int)
 
 def _kth_smallest(values: Sequence[Tensor], scales: Sequence[float], k: int, group: Group) -> float:
     flat = torch.cat([_promoted(v.flatten()) * s for v, s in zip(values, scales, strict=True)])
-    return all_gather_cat(flat, group).kthvalue(k).values.item()
+    return _select_ranks(all_gather_cat(flat, group), [k])[0]
+
+
+def _select_ranks(values: Tensor, ranks: Sequence[int]) -> list[float]:
+    """The `ranks`-th smallest of the flat `values`, which may be reordered: a fused quickselect where it serves."""
+    fused = kernels.select_ranks(values, ranks)
+    if fused is not None:
+        return fused
+    return [values.kthvalue(rank).values.item() for rank in ranks]
 
 
 def _global_numel(values: Sequence[Tensor], group: Group) -> int:

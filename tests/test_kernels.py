@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_sparse import SparsityCallback, kernels
-from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, channel_totals
+from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, channel_l1
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from lightning_sparse.thresholds import _count_below_and_select
 from models import LENGTH, Crash, TinyNet, make_trainer
@@ -107,6 +107,52 @@ def test_fused_selection_finds_what_the_eager_comparisons_find(expected: int, mo
         assert torch.equal(fused[1].sort().values, eager[1].sort().values)
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+def test_fused_selection_of_magnitudes_matches_the_eager_one(
+    portable: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    if portable:  # the plain C loop, as on a CPU without AVX-512 (a build without `-march=native`)
+        monkeypatch.setattr(kernels, "_FLAG_SETS", (("-O3",),))
+        monkeypatch.setattr(kernels, "_loaded", {})
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    values = torch.randn(LARGE, generator=torch.Generator().manual_seed(3))
+    for absolute, lo, hi in ((True, 0.5, 0.52), (False, -0.52, -0.5)):
+        fused = kernels.count_below_and_select(values, lo, hi, expected=LARGE, absolute=absolute)
+        assert fused is not None
+        magnitudes = values.abs() if absolute else values
+        assert fused[0] == int((magnitudes < lo).sum())
+        assert torch.equal(fused[1], magnitudes[(magnitudes >= lo) & (magnitudes <= hi)])  # in their order
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        torch.randn(LARGE, generator=torch.Generator().manual_seed(4)),
+        torch.randn(LARGE, generator=torch.Generator().manual_seed(5)).round(),  # a few values, many ties
+        torch.ones(LARGE),
+        torch.arange(float(LARGE)),
+        torch.arange(float(LARGE)).flip(0),
+    ],
+    ids=["random", "ties", "equal", "sorted", "reversed"],
+)
+def test_fused_quickselect_gives_kthvalue(values: torch.Tensor) -> None:
+    ranks = [LARGE, 1, 7, LARGE // 3, LARGE // 2, LARGE // 2, LARGE - 1]
+    assert kernels.select_ranks(values.clone(), ranks) == [values.kthvalue(k).values.item() for k in ranks]
+    assert kernels.select_ranks(torch.full((LARGE,), math.nan), [1]) is None  # `kthvalue` has its own order for NaN
+
+
+def test_fused_channel_sums_match_the_eager_ones_and_hold_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = torch.randn(64, 3, 5, 5, generator=torch.Generator().manual_seed(6))
+    fused = channel_l1(weight)
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "_loaded", {"library": None})
+        eager = channel_l1(weight)
+    assert fused.shape == eager.shape == (64, 1, 1, 1)
+    torch.testing.assert_close(fused, eager, rtol=1e-6, atol=0)  # from a sum, in another order
+    weight[5, 1, 2, 3] = math.nan
+    assert torch.isnan(channel_l1(weight)).flatten().tolist() == [i == 5 for i in range(64)]
+
+
 @pytest.mark.parametrize(("rescale", "width"), [(True, 1.0), (False, 1.0), (True, 11.0)], ids=["st3", "plain", "sigma"])
 def test_fused_st3_update_sets_the_eager_mask_rescale_and_effective_weight(
     rescale: bool, width: float, monkeypatch: pytest.MonkeyPatch
@@ -119,8 +165,7 @@ def test_fused_st3_update_sets_the_eager_mask_rescale_and_effective_weight(
             if not loops:
                 patch.setattr(kernels, "_loaded", {"library": None})
             st3 = StraightThroughSoftThreshold(weight, rescale=rescale)
-            magnitude = weight.abs()
-            st3.set_threshold(weight, magnitude, threshold, width, total=channel_totals(magnitude))
+            st3.set_threshold(weight, threshold, width, total=channel_l1(weight))
             results.append((st3.mask.clone(), st3.scale.clone(), st3(weight).detach()))
     (mask, scale, effective), (eager_mask, eager_scale, eager_effective) = results
     assert torch.equal(mask, eager_mask) and int((~mask).sum()) == weight.numel() * 9 // 10

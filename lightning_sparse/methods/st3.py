@@ -39,7 +39,14 @@ from lightning_sparse.thresholds import (
     min_kept_per_layer,
 )
 
-__all__ = ["ST3", "StraightThroughSoftThreshold", "channel_totals", "sigma_scale", "update_thresholds"]
+__all__ = [
+    "ST3",
+    "StraightThroughSoftThreshold",
+    "channel_l1",
+    "channel_totals",
+    "sigma_scale",
+    "update_thresholds",
+]
 
 
 def _soft_threshold(weight: Tensor, threshold: Tensor, scale: Tensor) -> Tensor:
@@ -141,19 +148,22 @@ class StraightThroughSoftThreshold(SparseParametrization):
         self._effective = (self._key(weight), effective, (weight, self.threshold, self.scale))
         return self._effective
 
-    def magnitude_workspace(self, weight: Tensor) -> Tensor:
-        """`|weight|` in float32, for a threshold update, written into the stale effective weight's storage when
-        that can hold it (a float32 weight): `set_threshold` then turns it into the new effective weight.
+    def _workspace(self, weight: Tensor) -> Tensor | None:
+        """Where a threshold update puts the new effective weight: the stale one's memory, or new memory the first
+        time. None where no effective weight is kept between forwards: a sharded weight (FSDP2 frees the gathered
+        one after each forward) or one that is not float32.
 
-        One buffer per weight, reused at every step, instead of two new ones: on CPU a large new tensor is new
-        memory from the OS, paid for in page faults on first touch, at every step.
+        One buffer per weight, reused at every step: on CPU a large new tensor is new memory from the OS, paid for
+        in page faults on first touch, at every step.
         """
         stale, self._effective = self._effective, None
+        if is_sharded(weight) or weight.dtype != torch.float32:
+            return None
         buffer = stale[1] if stale is not None else None
-        wanted = (weight.shape, weight.device, torch.float32, torch.float32)
-        if buffer is None or (buffer.shape, buffer.device, buffer.dtype, weight.dtype) != wanted:
-            return weight.detach().float().abs()
-        return torch.abs(weight.detach(), out=buffer)
+        layout = (weight.shape, weight.stride(), weight.dtype, weight.device)
+        if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype, buffer.device) != layout:
+            return torch.empty_like(weight.detach())
+        return buffer
 
     @override
     def keep_mask(self, weight: Tensor) -> Tensor:
@@ -180,52 +190,49 @@ class StraightThroughSoftThreshold(SparseParametrization):
         return candidate
 
     @torch.no_grad()
-    def set_threshold(
-        self, weight: Tensor, magnitude: Tensor, threshold: float, width: float = 1.0, total: Tensor | None = None
-    ) -> None:
-        """Prune `weight` at `threshold / width`, from `magnitude` (= |w|, float32), and recompute the channel rescale.
+    def set_threshold(self, weight: Tensor, threshold: float, width: float = 1.0, total: Tensor | None = None) -> None:
+        """Prune `weight` at `threshold / width`, recompute the channel rescale, and leave the new effective weight
+        ready for the next forward.
 
-        `width` is ST-3σ's normalisation: the mask compares `magnitude * width` with `threshold` exactly
-        as the global selection did (`magnitude > threshold / width` rounds differently at the boundary).
-        `total` is `channel_totals(magnitude)`, if already computed. `magnitude` is consumed: an unsharded
-        float32 weight's new effective weight is computed into its storage, ready for the next forward. Sharded,
-        `magnitude` is the local shard's, and the local shards of the mask and rescale are written.
+        `width` is ST-3σ's normalisation: the mask compares `|w| * width` with `threshold` exactly as the global
+        selection did (`|w| > threshold / width` rounds differently at the boundary). `total` is each channel's L1
+        mass (`channel_l1(weight)`), if already computed. Sharded, the local shards of the mask and rescale are
+        written.
         """
-        mask, scale = local_shard(self.mask), local_shard(self.scale)
+        local, mask, scale = local_shard(weight).detach(), local_shard(self.mask), local_shard(self.scale)
         self.threshold.fill_(threshold / width)
         if self.rescale and total is None:
-            total = channel_totals(magnitude, self.output_axis)
+            total = channel_l1(local, self.output_axis)
         # The paper code's 1.01 / (r + 0.01), r the kept fraction of a channel's L1 mass: about 1/r, bounded when a
         # channel is fully pruned; its 1e-6 is added to each L1 *mean* over the channel, so here to each sum times
         # the channel's size.
-        epsilon = 1e-6 * magnitude.numel() / max(magnitude.shape[self.output_axis], 1)
-        # All of what follows in one pass per output channel, on a float32 CPU weight with its channels first (or
-        # a shard of one: FSDP2 shards the channels, each rank holding whole ones).
+        epsilon = 1e-6 * local.numel() / max(local.shape[self.output_axis], 1)
+        effective = self._workspace(weight)
+        # All of it in one pass per output channel, on a float32 CPU weight with its channels first (or a shard of
+        # one: FSDP2 shards the channels, each rank holding whole ones).
         fused = self.output_axis == 0 and kernels.st3_apply(
-            local_shard(weight).detach(), magnitude, mask, scale, total if self.rescale else None, threshold, width,
-            epsilon,
-        )  # fmt: skip
-        if fused:
-            if not is_sharded(weight):
-                self._remember(weight, magnitude)
-            return
-        torch.gt(magnitude * width if width != 1.0 else magnitude, threshold, out=mask)
-        if self.rescale:
-            assert total is not None
-            # Zero the pruned magnitudes in place without `mul_(mask)`, which converts the mask to a new float
-            # tensor first (about 25x the time). With no width, `threshold_` is the mask's own comparison.
-            if width == 1.0:
-                torch.threshold_(magnitude, threshold, 0.0)
-            else:
-                torch.where(mask, magnitude, magnitude.new_zeros(()), out=magnitude)
-            kept = channel_totals(magnitude, self.output_axis)
-            kept_fraction = (kept + epsilon) / (total + epsilon)
-            torch.div(1.01, kept_fraction + 0.01, out=scale)
-        if weight.dtype == torch.float32 and not is_sharded(weight):
-            # What `forward` computes (`soft_threshold`), in memory already there: softshrink is
-            # `sign(w) * relu(|w| - t)` bit for bit (t, a Python float, rounds to the float32 buffer's value).
-            effective = torch.ops.aten.softshrink.out(weight.detach(), threshold / width, out=magnitude)
-            self._remember(weight, effective.mul_(self.scale))
+            local, effective, mask, scale, total if self.rescale else None, threshold, width, epsilon
+        )
+        if not fused:
+            magnitude = local.float().abs() if effective is None else torch.abs(local, out=effective)
+            torch.gt(magnitude * width if width != 1.0 else magnitude, threshold, out=mask)
+            if self.rescale:
+                assert total is not None
+                # Zero the pruned magnitudes in place without `mul_(mask)`, which converts the mask to a new float
+                # tensor first (about 25x the time). With no width, `threshold_` is the mask's own comparison.
+                if width == 1.0:
+                    torch.threshold_(magnitude, threshold, 0.0)
+                else:
+                    torch.where(mask, magnitude, magnitude.new_zeros(()), out=magnitude)
+                kept = channel_totals(magnitude, self.output_axis)
+                kept_fraction = (kept + epsilon) / (total + epsilon)
+                torch.div(1.01, kept_fraction + 0.01, out=scale)
+            if effective is not None:
+                # What `forward` computes (`soft_threshold`), in memory already there: softshrink is
+                # `sign(w) * relu(|w| - t)` bit for bit (t, a Python float, rounds to the float32 buffer's value).
+                torch.ops.aten.softshrink.out(local, threshold / width, out=effective).mul_(self.scale)
+        if effective is not None:
+            self._remember(weight, effective)
 
     @torch.no_grad()
     def freeze(self, weight: Tensor) -> None:
@@ -256,6 +263,18 @@ def channel_totals(magnitude: Tensor, output_axis: int = 0) -> Tensor:
     if magnitude.dim() <= 1:
         return magnitude.clone()
     return magnitude.sum(tuple(d for d in range(magnitude.dim()) if d != output_axis), keepdim=True)
+
+
+def channel_l1(weight: Tensor, output_axis: int = 0) -> Tensor:
+    """The L1 mass `|w|` of each output channel of `weight`, in float32 and shaped like the channel rescale: one
+    pass over the weight, never a copy of its magnitudes, where the fused loop serves.
+
+    Example:
+        >>> channel_l1(-torch.ones(2, 3, 4)).flatten().tolist()
+        [12.0, 12.0]
+    """
+    fused = kernels.abs_row_sums(weight) if output_axis == 0 else None
+    return fused if fused is not None else channel_totals(weight.float().abs(), output_axis)
 
 
 def sigma_scale(weight: Tensor) -> float:
@@ -300,32 +319,26 @@ def update_thresholds(
         >>> st3.mask.sum().item()
         7
     """
-    # The thresholds change now: the cached effective weights are stale, and their memory holds |w|.
     group = shard_group(weights)
-    magnitudes = [layer.magnitude_workspace(local_shard(w)) for layer, w in zip(layers, weights, strict=True)]
-    # The rescale's per-channel L1 mass, or else the layer's: NaN or inf anywhere in a layer makes its sum
-    # non-finite, so the check costs no pass over the weights with the rescale on, and one host sync in all.
-    totals = [
-        channel_totals(m, layer.output_axis) if layer.rescale else m.sum()
-        for layer, m in zip(layers, magnitudes, strict=True)
-    ]
+    shards = [local_shard(w).detach() for w in weights]
+    # Each channel's L1 mass, for the rescale: NaN or inf anywhere in a layer makes its sum non-finite, so the check
+    # costs no pass over the weights of its own, and one host sync in all.
+    totals = [channel_l1(w, layer.output_axis) for layer, w in zip(layers, shards, strict=True)]
     finite = torch.stack([torch.isfinite(t).all() for t in totals]).all() if totals else torch.tensor(True)
     if int(all_sum((~finite).long().reshape(1), group)):
         labels = list(names) if names is not None else [f"#{i}" for i in range(len(weights))]
         # A sum can also overflow to inf; then no entry is non-finite, and nothing is wrong. Sharded, this rank's
         # shards may be finite and another's not: every rank raises, naming what it holds.
-        non_finite = count_non_finite(dict(zip(labels, map(local_shard, weights), strict=True)))
+        non_finite = count_non_finite(dict(zip(labels, shards, strict=True)))
         if int(all_sum(torch.tensor([len(non_finite)], device=finite.device), group)):
             raise NonFiniteWeightsError(non_finite)
     scales = [sigma_scale(w) if sigma else 1.0 for w in weights]
     sizes = [w.numel() for w in weights]
     check_min_density(sizes, sparsity, min_density)
     floors = min_kept_per_layer(sizes, min_density)
-    tau, thresholds = floored_magnitude_thresholds(magnitudes, sparsity, floors, scales, group)
-    for layer, weight, magnitude, threshold, scale, total in zip(
-        layers, weights, magnitudes, thresholds, scales, totals, strict=True
-    ):
-        layer.set_threshold(weight, magnitude, threshold, scale, total=total if layer.rescale else None)
+    tau, thresholds = floored_magnitude_thresholds(shards, sparsity, floors, scales, group)
+    for layer, weight, threshold, scale, total in zip(layers, weights, thresholds, scales, totals, strict=True):
+        layer.set_threshold(weight, threshold, scale, total=total if layer.rescale else None)
     return tau
 
 
