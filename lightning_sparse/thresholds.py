@@ -15,9 +15,9 @@ Small inputs are selected directly. Above 2 x 2^16 elements:
    `(k - below)`-th smallest inside, selected exactly. If the bracket missed (`k` not in
    `(below, below + inside]`), the selection is over all values.
 
-Magnitude thresholds take `|w|` as each step reads the weights, so no copy of the magnitudes is ever made but
-for the bracket's values. The order statistics of steps 2 and 3 come from a fused quickselect where it serves,
-else `kthvalue`: the same value either way.
+Magnitude thresholds take `|w|` as each step reads the weights: above 2 x 2^16 elements only the sample's and
+the bracket's magnitudes are ever materialised (all of them only when the bracket missed). The order statistics
+of steps 2 and 3 come from a fused quickselect where it serves, else `kthvalue`: the same value either way.
 
 Sharded (FSDP2: each rank holds a shard of every weight, `group` is their process group), the same three
 steps run on each rank's shards with collectives in between, and no rank ever gathers the weights:
