@@ -498,11 +498,12 @@ Notes:
 - ST-3's forward serves one effective weight per change of the raw weight or of its threshold buffers
   (keyed on `Tensor._version`), with an identity backward, and the threshold update leaves the new
   effective weight ready: the forward costs nothing. Its cost is the update after each optimizer step
-  (the hooks column): |w| and the per-channel sums (eager), the sampled bracket, one fused pass per layer
-  that counts below the bracket and copies out the values inside it, the exact selection among those
-  (`kthvalue`), and one fused pass per layer for the mask, kept sums, rescale and new effective weight
-  (`lightning_sparse.kernels`: C loops built once per machine, single-threaded). The fused loops are not
-  torch ops: the profile table shows only what stays eager.
+  (the hooks column): one fused pass per layer for the per-channel L1 sums, the sampled bracket, one fused
+  pass per layer that counts the magnitudes below the bracket and copies out those inside it (taking |w| as it
+  reads: no magnitude tensor), the exact selection among those (a fused quickselect), and one fused pass per
+  layer for the mask, kept sums, rescale and new effective weight (`lightning_sparse.kernels`: C loops built
+  once per machine, single-threaded; a thread per layer measured no faster at two threads, the passes being
+  bound by memory). The fused loops are not torch ops: the profile table shows only what stays eager.
 - STR's forward on float32 CPU weights is torch's softshrink kernel (one pass); its backward is one fused
   pass for the kept gradient and the threshold's dot product: the "rest of step" column. That gradient is
   a new tensor at every step (autograd hands it to `.grad`): 4 bytes per weight of fresh memory, whose first
