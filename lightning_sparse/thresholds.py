@@ -106,7 +106,7 @@ def global_magnitude_threshold(
     elements (plus exact ties). Returns 0.0 for zero sparsity. Deterministic, and it does not
     touch the global RNG, so DDP ranks and resumed runs agree. With a process `group`, `weights` are
     this rank's shards and `n` counts every rank's (see the module's docstring). The magnitudes are taken
-    as they are read, never stored: a weight is read, not copied.
+    as the weights are read (see the module's docstring for what is materialised).
 
     Example:
         >>> global_magnitude_threshold([torch.tensor([3.0, -1.0]), torch.tensor([-2.0, 4.0])], 0.5)
@@ -201,8 +201,10 @@ def floored_magnitude_thresholds(
             break
         for i in below:
             prune_own = sizes[i] - min_kept[i]
-            own = [weights[i]], [scales[i]], prune_own, group
-            floored[i] = _kth_smallest_bracketed(*own, absolute=True) if prune_own else 0.0
+            if prune_own:
+                floored[i] = _kth_smallest_bracketed([weights[i]], [scales[i]], prune_own, group, absolute=True)
+            else:
+                floored[i] = 0.0
     return tau, [floored.get(i, tau) for i in range(len(sizes))]
 
 
