@@ -36,7 +36,7 @@ __all__ = [
     "abs_row_sums",
     "count_below_and_select",
     "select_ranks",
-    "soft_threshold_backward",
+    "soft_threshold_backward_",
     "st3_apply",
 ]
 
@@ -51,20 +51,21 @@ _SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-double soft_threshold_backward(const float *restrict grad, const float *restrict weight, float g,
-                               float *restrict kept, int64_t n) {
+/* In place: `grad` keeps its entries where |w| > g and is zeroed elsewhere. Returns the sum of the kept entries
+   times sign(w). */
+double soft_threshold_backward(float *restrict grad, const float *restrict weight, float g, int64_t n) {
     float lanes[16] = {0};
     double total = 0.0;
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
         for (int j = 0; j < 16; j++) {
             float w = weight[i + j], k = fabsf(w) > g ? grad[i + j] : 0.0f;
-            kept[i + j] = k;
+            grad[i + j] = k;
             lanes[j] += w > 0.0f ? k : -k;
         }
     for (; i < n; i++) {
         float w = weight[i], k = fabsf(w) > g ? grad[i] : 0.0f;
-        kept[i] = k;
+        grad[i] = k;
         total += w > 0.0f ? k : -k;
     }
     for (int j = 0; j < 16; j++) total += lanes[j];
@@ -222,7 +223,7 @@ void st3_apply(const float *restrict weight, float *restrict effective, uint8_t 
 
 _POINTER, _I64, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "soft_threshold_backward": (ctypes.c_double, [_POINTER, _POINTER, _FLOAT, _POINTER, _I64]),
+    "soft_threshold_backward": (ctypes.c_double, [_POINTER, _POINTER, _FLOAT, _I64]),
     "count_below_and_select": (
         _I64,
         [_POINTER, _I64, _FLOAT, _FLOAT, ctypes.c_int, _POINTER, _I64, ctypes.POINTER(_I64)],
@@ -309,24 +310,23 @@ def _servable(*tensors: Tensor) -> ctypes.CDLL | None:
     return _library()
 
 
-def soft_threshold_backward(grad: Tensor, weight: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor] | None:
-    """STR's two gradients in one pass: `grad` where `|weight| > threshold` (else 0), and the threshold's,
-    `-sum(kept * sign(weight))`. None where the fused loop does not serve.
+def soft_threshold_backward_(grad: Tensor, weight: Tensor, threshold: Tensor) -> Tensor | None:
+    """STR's two gradients in one pass, the first in place: `grad` zeroed where `|weight| <= threshold` (what
+    survives is the kept gradient), and the threshold's gradient, `-sum(kept * sign(weight))`, returned. None where
+    the fused loop does not serve, or `grad` and `weight` share memory: then `grad` is untouched.
 
     Example:
         >>> w = torch.linspace(-1, 1, MIN_ELEMENTS)
-        >>> kept, d_threshold = soft_threshold_backward(torch.ones_like(w), w, torch.tensor(0.5))
-        >>> bool(torch.equal(kept, (w.abs() > 0.5).float())), round(d_threshold.item())
+        >>> grad = torch.ones_like(w)
+        >>> d_threshold = soft_threshold_backward_(grad, w, torch.tensor(0.5))
+        >>> bool(torch.equal(grad, (w.abs() > 0.5).float())), round(d_threshold.item())
         (True, 0)
     """
     library = _servable(grad, weight, threshold)
-    if library is None:
+    if library is None or grad.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
         return None
-    kept = torch.empty_like(grad)
-    total = library.soft_threshold_backward(
-        grad.data_ptr(), weight.data_ptr(), threshold.item(), kept.data_ptr(), grad.numel()
-    )
-    return kept, torch.tensor(-total, dtype=torch.float32)
+    total = library.soft_threshold_backward(grad.data_ptr(), weight.data_ptr(), threshold.item(), grad.numel())
+    return torch.tensor(-total, dtype=torch.float32)
 
 
 def count_below_and_select(

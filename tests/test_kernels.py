@@ -30,14 +30,17 @@ def test_the_loops_serve_only_large_contiguous_float32_cpu_tensors_outside_autog
     x = torch.linspace(-1, 1, LARGE)
     g = torch.tensor(0.5)
     tracked = x.clone().requires_grad_()
-    assert kernels.soft_threshold_backward(tracked, x, g) is None  # the result would not be differentiable
+    assert kernels.soft_threshold_backward_(tracked, x, g) is None  # the result would not be differentiable
     with torch.no_grad():
-        assert kernels.soft_threshold_backward(tracked, x, g) is not None
-        small = x[: kernels.MIN_ELEMENTS - 1]
-        assert kernels.soft_threshold_backward(small, small, g) is None
-        assert kernels.soft_threshold_backward(x.double(), x.double(), g.double()) is None
-        assert kernels.soft_threshold_backward(x[::2], x[::2], g) is None
-        assert kernels.soft_threshold_backward(x, x, g) is not None
+        assert kernels.soft_threshold_backward_(tracked, x, g) is not None
+        grad = torch.ones_like(x)
+        small = grad[: kernels.MIN_ELEMENTS - 1]
+        assert kernels.soft_threshold_backward_(small, x[: kernels.MIN_ELEMENTS - 1], g) is None
+        assert kernels.soft_threshold_backward_(grad.double(), x.double(), g.double()) is None
+        assert kernels.soft_threshold_backward_(grad[::2], x[::2], g) is None
+        assert kernels.soft_threshold_backward_(x, x, g) is None  # written in place, it would change the weight
+        assert torch.equal(grad, torch.ones_like(x))  # nothing written where the loop does not serve
+        assert kernels.soft_threshold_backward_(grad, x, g) is not None
 
 
 @pytest.mark.parametrize(
@@ -201,11 +204,11 @@ def test_a_fit_through_the_fused_loops_reaches_its_target_and_resumes_exactly(
     method: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     served = []
-    for name in ("st3_apply", "soft_threshold_backward"):
+    for name in ("st3_apply", "soft_threshold_backward_"):
         loop = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _loop=loop, _name=name: served.append(_name) or _loop(*a))
     full = _fit(tmp_path / "full", method)
-    assert served.count("st3_apply" if method == "st3" else "soft_threshold_backward") >= 4 * 8
+    assert served.count("st3_apply" if method == "st3" else "soft_threshold_backward_") >= 4 * 8
 
     hidden = full.fc[0].weight
     if method == "st3":  # the exact target over every sparsified weight

@@ -17,6 +17,8 @@ from lightning_sparse import ST3, LinearSchedule, SparsityCallback
 from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
 from lightning_sparse.methods import SparseParametrization, SparsityMethod
 from lightning_sparse.methods.base import distinct_weights, parametrizations_of
+from lightning_sparse.methods.st3 import StraightThroughSoftThreshold
+from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from models import TinyNet, make_trainer, zeros
 
 
@@ -103,3 +105,24 @@ def test_a_method_and_a_parametrization_must_implement_the_abstract_parts() -> N
         SparsityMethod()  # type: ignore[abstract]
     with pytest.raises(TypeError, match="abstract"):
         SparseParametrization()  # type: ignore[abstract]
+
+
+@pytest.mark.parametrize(
+    "make", [lambda weight: LearnedSoftThreshold(s_init=-5.0), StraightThroughSoftThreshold], ids=["str", "st3"]
+)
+def test_an_effective_weight_computed_in_inference_mode_serves_training(make: Any) -> None:
+    # Lightning validates in inference mode, its sanity check before the first training step. The effective weight
+    # such a forward computes is kept: training must be able to save it for backward, and a later forward to write
+    # the next one into its memory.
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(64, 128))
+    parametrization = make(weight)
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    with torch.inference_mode():
+        parametrization(weight)
+    for _ in range(2):
+        (parametrization(weight) * torch.randn(64, 128)).sum().backward()
+        optimizer.step()
+        with torch.inference_mode():
+            served = parametrization(weight)
+        assert not served.is_inference()

@@ -401,6 +401,14 @@ def test_update_serves_the_effective_weight_in_the_memory_of_the_last_one(sigma:
         update_thresholds([st3], [raw], sparsity=0.6, sigma=sigma)
         served = layer.weight
         assert served.data_ptr() == storage
-        st3._effective = None  # what a forward computes from the buffers alone
+        st3._effective.clear()  # what a forward computes from the buffers alone
         assert torch.equal(served, layer.weight)
         storage = layer.weight.data_ptr()
+        del served
+    # An effective weight someone still holds is not written over: the update takes new memory.
+    held = layer.weight
+    before = held.clone()
+    with torch.no_grad():
+        raw.add_(torch.randn_like(raw) * 0.01)
+    update_thresholds([st3], [raw], sparsity=0.6, sigma=sigma)
+    assert torch.equal(held, before) and layer.weight.data_ptr() != held.data_ptr()

@@ -11,12 +11,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
+from torch.nn.utils import parametrize
 
-from lightning_sparse import STR, SparsityCallback
+from lightning_sparse import STR, SparsityCallback, kernels
 from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
 from lightning_sparse.methods.base import SparseWeight
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold
-from lightning_sparse.methods.str_method import LearnedSoftThreshold
+from lightning_sparse.methods.str_method import LearnedSoftThreshold, _unshared_references
 from models import BatchNormNet, TinyNet, make_trainer
 
 # --------------------------------------------------------------------- the parametrization, plain PyTorch
@@ -60,6 +61,66 @@ def test_str_one_pass_cpu_kernels_equal_the_general_path_exactly(odd: list[float
     monkeypatch.setattr("lightning_sparse.methods.base._threshold_number", lambda weight, g: None)
     for a, b in zip(fast, run(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _linear_with_str(s_init: float = math.log(0.05 / 0.95)) -> tuple[nn.Linear, LearnedSoftThreshold, torch.Tensor]:
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 64)  # 8192 weights: large enough for the fused loop
+    str_ = LearnedSoftThreshold(s_init=s_init)
+    parametrize.register_parametrization(layer, "weight", str_)
+    return layer, str_, layer.parametrizations.weight.original
+
+
+def test_forwards_between_two_steps_share_one_effective_weight_and_the_next_takes_its_memory() -> None:
+    layer, str_, raw = _linear_with_str()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    first = layer.weight
+    assert layer.weight.data_ptr() == first.data_ptr()  # a second forward (accumulation, validation) computes none
+    storage = first.data_ptr()
+    del first
+    for _ in range(2):
+        layer(torch.randn(4, 128)).square().sum().backward()
+        optimizer.step()  # changes the weight and `s`
+        served = layer.weight
+        assert served.data_ptr() == storage
+        with torch.no_grad():
+            expected = torch.nn.functional.softshrink(raw, str_.threshold().item())
+        assert torch.equal(served, expected)
+        del served
+    # One someone still holds is not written over: the next is in new memory, the held one keeps its values.
+    held = layer.weight
+    before = held.clone()
+    with torch.no_grad():
+        raw.add_(0.01)
+    assert layer.weight.data_ptr() != held.data_ptr() and torch.equal(held, before)
+
+
+def test_the_backward_writes_its_gradient_over_only_where_nothing_else_holds_it(monkeypatch: pytest.MonkeyPatch):
+    layer, str_, raw = _linear_with_str()
+    _unshared_references.cache_clear()
+    with torch.inference_mode():  # a first forward in inference mode (Lightning's sanity check) measures it too
+        layer(torch.randn(1, 128))
+    served: list[str] = []
+    loop = kernels.soft_threshold_backward_
+    monkeypatch.setattr(kernels, "soft_threshold_backward_", lambda *a: served.append("loop") or loop(*a))
+    x = torch.randn(4, 128)
+    kept = raw.detach().abs() > str_.threshold().detach()
+    expected = torch.ones(4, 64).T @ x * kept
+
+    layer(x).sum().backward()  # the linear's gradient is autograd's alone: written over in place
+    assert served == ["loop"] and torch.allclose(raw.grad, expected)
+
+    raw.grad = None
+    given = torch.ones(64, 128)
+    layer.weight.backward(given)  # a gradient the caller holds
+    assert torch.equal(given, torch.ones(64, 128)) and torch.equal(raw.grad, given * kept)
+
+    raw.grad, seen = None, []
+    weight = layer.weight
+    weight.register_hook(seen.append)  # a hook that keeps the gradient it sees
+    torch.nn.functional.linear(x, weight).sum().backward()
+    assert torch.allclose(seen[0], torch.ones(4, 64).T @ x) and torch.allclose(raw.grad, expected)
+    assert served == ["loop"]  # neither took the in-place loop
 
 
 def test_str_keeps_bf16_and_keep_mask():

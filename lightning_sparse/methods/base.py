@@ -15,10 +15,12 @@ from typing import Any, ClassVar, Self, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.optim import Optimizer
 
 __all__ = [
+    "EffectiveWeightCache",
     "SparseLayers",
     "SparseParametrization",
     "SparseWeight",
@@ -27,12 +29,14 @@ __all__ = [
     "kept_gradient",
     "parametrizations_of",
     "soft_threshold",
+    "tensor_owners",
     "weight_name",
 ]
 
 
-def soft_threshold(weight: Tensor, threshold: Tensor) -> Tensor:
-    """`sign(w) * relu(|w| - t)` for a 0-dim `threshold` `t`, in the weight's dtype: both methods' shrink.
+def soft_threshold(weight: Tensor, threshold: Tensor, out: Tensor | None = None) -> Tensor:
+    """`sign(w) * relu(|w| - t)` for a 0-dim `threshold` `t`, in the weight's dtype: both methods' shrink. Into `out`
+    if given (shaped like `weight`, of its dtype).
 
     A pruned negative weight may come out as -0.0 (torch's softshrink kernel) or +0.0 (the general form):
     equal, and counted, as zero either way.
@@ -43,9 +47,11 @@ def soft_threshold(weight: Tensor, threshold: Tensor) -> Tensor:
     """
     number = _threshold_number(weight, threshold)
     if number is not None:
-        return torch.nn.functional.softshrink(weight, number)
+        if out is None:
+            return F.softshrink(weight, number)
+        return cast(Tensor, torch.ops.aten.softshrink.out(weight, number, out=out))
     # Two passes instead of four; a 0-dim threshold does not promote a bf16 weight.
-    return weight - weight.clamp(-threshold, threshold)
+    return torch.sub(weight, weight.clamp(-threshold, threshold), out=out)
 
 
 def kept_gradient(grad: Tensor, weight: Tensor, threshold: Tensor) -> Tensor:
@@ -70,6 +76,83 @@ def _threshold_number(weight: Tensor, threshold: Tensor) -> float | None:
         return None
     number = threshold.item()
     return number if number >= 0.0 else None
+
+
+def tensor_owners(tensor: Tensor) -> int:
+    """How many tensors and graphs hold `tensor`'s data in C++ (its Python object counting one, each view of it
+    another): 1 means nothing but that Python object does, torch's own test before it takes a gradient over as
+    `.grad` rather than copy it. Python references to the object itself are not counted.
+
+    Example:
+        >>> t = torch.zeros(3)
+        >>> tensor_owners(t)
+        1
+        >>> view = t.view_as(t)
+        >>> tensor_owners(t)
+        2
+    """
+    return cast(int, tensor._use_count())  # type: ignore[attr-defined]
+
+
+def _tensor_key(tensor: Tensor) -> tuple[int, int, int, torch.dtype, torch.device]:
+    """What identifies a tensor's current contents: in-place changes bump `_version`, `.data =` or `.to()` the rest."""
+    return id(tensor), tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device
+
+
+class EffectiveWeightCache:
+    """One effective weight, served until a tensor it was computed from changes.
+
+    The raw weight changes only at optimizer steps (a method's own tensors, at its updates), so every forward
+    between two changes (gradient accumulation, validation) can share one effective weight, and the next one
+    can be written into its memory: on CPU a large new tensor is new memory from the OS, paid for in page
+    faults on first touch, at every step.
+
+    Example:
+        >>> weight, cache = torch.ones(3), EffectiveWeightCache()
+        >>> effective = weight * 2
+        >>> cache.store((weight,), effective)
+        >>> cache.get((weight,)) is effective
+        True
+        >>> _ = weight.add_(1.0)  # an optimizer step
+        >>> cache.get((weight,)) is None, cache.workspace(weight) is effective
+        (True, True)
+    """
+
+    def __init__(self) -> None:
+        # (key, effective weight, the tensors the key names): the key holds their ids, so they are kept alive
+        # with it, and no other tensor can take their id.
+        self._entry: tuple[tuple[Any, ...], Tensor, tuple[Tensor, ...]] | None = None
+
+    def get(self, sources: tuple[Tensor, ...]) -> Tensor | None:
+        """The effective weight stored from `sources`, if none of them changed since."""
+        if self._entry is None or self._entry[0] != tuple(map(_tensor_key, sources)):
+            return None
+        return self._entry[1]
+
+    def store(self, sources: tuple[Tensor, ...], effective: Tensor) -> None:
+        """Serve `effective`, computed from `sources`, until one of them changes."""
+        self._entry = (tuple(map(_tensor_key, sources)), effective, sources)
+
+    def clear(self) -> None:
+        """Serve nothing, and let the stored effective weight's memory go."""
+        self._entry = None
+
+    def workspace(self, weight: Tensor) -> Tensor:
+        """Memory for the next effective weight of `weight`: the stored one's, or new memory if its layout differs or
+        something still holds a view of it (a graph not yet backpropagated through, a user's `layer.weight`).
+
+        The stored one is no longer served: what is written there next must be `store`d again.
+        """
+        stale, self._entry = self._entry, None
+        layout = _layout(weight)
+        # Every forward served it as a view, which holds a reference to it: one reference is the cache's own.
+        if stale is None or tensor_owners(stale[1]) > 1 or _layout(stale[1]) != layout:
+            return torch.empty_like(weight.detach())
+        return stale[1]
+
+
+def _layout(tensor: Tensor) -> tuple[Any, ...]:
+    return tensor.shape, tensor.stride(), tensor.dtype, tensor.device
 
 
 class SparseParametrization(nn.Module, ABC):

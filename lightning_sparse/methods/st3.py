@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_sparse import kernels
 from lightning_sparse.arguments import StepOrFraction, check_bool, check_real, check_step_or_fraction
 from lightning_sparse.methods.base import (
+    EffectiveWeightCache,
     SparseLayers,
     SparseParametrization,
     SparsityMethod,
@@ -78,11 +79,6 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-def _tensor_key(tensor: Tensor) -> tuple[int, int, int, torch.dtype, torch.device]:
-    """What identifies a tensor's current contents: in-place changes bump `_version`, `.data =` or `.to()` the rest."""
-    return id(tensor), tensor._version, tensor.data_ptr(), tensor.dtype, tensor.device
-
-
 class StraightThroughSoftThreshold(SparseParametrization):
     """ST-3's reparameterization of one weight: `sign(w) * relu(|w| - t) * c`, straight-through.
 
@@ -118,8 +114,7 @@ class StraightThroughSoftThreshold(SparseParametrization):
         scale_shape[output_axis], local_shape[output_axis] = weight.shape[output_axis], local.shape[output_axis]
         scale = torch.ones(local_shape, dtype=torch.float32, device=local.device)
         self.register_buffer("scale", shard_like(scale, weight, scale_shape))
-        # (key, effective weight, the tensors the key names) of the last forward; see `forward`.
-        self._effective: tuple[Any, Tensor, tuple[Tensor, ...]] | None = None
+        self._effective = EffectiveWeightCache()
 
     @override
     def forward(self, weight: Tensor) -> Tensor:
@@ -129,41 +124,16 @@ class StraightThroughSoftThreshold(SparseParametrization):
         # would keep a full copy of it alive on every rank.
         if torch.compiler.is_compiling() or is_sharded(self.scale):
             with torch.no_grad():
-                effective = _soft_threshold(weight.detach(), self.threshold, full_like(self.scale, weight))
-            return cast(Tensor, _StraightThrough.apply(weight, effective))
-        # The raw weight changes only at optimizer steps (and the buffers at threshold updates): the effective
-        # weight is computed once after each change and served to every forward until the next one.
-        cache = self._effective
-        if cache is None or cache[0] != self._key(weight):
-            with torch.no_grad():
-                cache = self._remember(weight, _soft_threshold(weight.detach(), self.threshold, self.scale))
-        return cast(Tensor, _StraightThrough.apply(weight, cache[1]))
-
-    def _key(self, weight: Tensor) -> tuple[Any, ...]:
-        return _tensor_key(weight), _tensor_key(self.threshold), _tensor_key(self.scale)
-
-    def _remember(self, weight: Tensor, effective: Tensor) -> tuple[Any, Tensor, tuple[Tensor, ...]]:
-        """Serve `effective` to every forward until `weight` or a buffer changes."""
-        # The key holds the tensors' ids: keep them alive with it, so no other tensor can take their id.
-        self._effective = (self._key(weight), effective, (weight, self.threshold, self.scale))
-        return self._effective
-
-    def _workspace(self, weight: Tensor) -> Tensor | None:
-        """Where a threshold update puts the new effective weight: the stale one's memory, or new memory the first
-        time. None where no effective weight is kept between forwards: a sharded weight (FSDP2 frees the gathered
-        one after each forward) or one that is not float32.
-
-        One buffer per weight, reused at every step: on CPU a large new tensor is new memory from the OS, paid for
-        in page faults on first touch, at every step.
-        """
-        stale, self._effective = self._effective, None
-        if is_sharded(weight) or weight.dtype != torch.float32:
-            return None
-        buffer = stale[1] if stale is not None else None
-        layout = (weight.shape, weight.stride(), weight.dtype, weight.device)
-        if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype, buffer.device) != layout:
-            return torch.empty_like(weight.detach())
-        return buffer
+                fresh = _soft_threshold(weight.detach(), self.threshold, full_like(self.scale, weight))
+            return cast(Tensor, _StraightThrough.apply(weight, fresh))
+        sources = (weight, self.threshold, self.scale)
+        effective = self._effective.get(sources)
+        if effective is None:
+            # A normal tensor even in inference mode (a validation), so that training can be served it too.
+            with torch.no_grad(), torch.inference_mode(False):
+                effective = _soft_threshold(weight.detach(), self.threshold, self.scale)
+            self._effective.store(sources, effective)
+        return cast(Tensor, _StraightThrough.apply(weight, effective))
 
     @override
     def keep_mask(self, weight: Tensor) -> Tensor:
@@ -207,7 +177,13 @@ class StraightThroughSoftThreshold(SparseParametrization):
         # channel is fully pruned; its 1e-6 is added to each L1 *mean* over the channel, so here to each sum times
         # the channel's size.
         epsilon = 1e-6 * local.numel() / max(local.shape[self.output_axis], 1)
-        effective = self._workspace(weight)
+        # The next forward computes a sharded weight's (see `forward`) or another dtype's; a float32 one is computed
+        # here, by the fused loop or `softshrink.out`, into the memory of the stale one.
+        effective = None
+        if is_sharded(weight) or weight.dtype != torch.float32:
+            self._effective.clear()
+        else:
+            effective = self._effective.workspace(weight)
         # All of it in one pass per output channel, on a float32 CPU weight with its channels first (or a shard of
         # one: FSDP2 shards the channels, each rank holding whole ones).
         fused = self.output_axis == 0 and kernels.st3_apply(
@@ -232,7 +208,7 @@ class StraightThroughSoftThreshold(SparseParametrization):
                 # `sign(w) * relu(|w| - t)` bit for bit (t, a Python float, rounds to the float32 buffer's value).
                 torch.ops.aten.softshrink.out(local, threshold / width, out=effective).mul_(self.scale)
         if effective is not None:
-            self._remember(weight, effective)
+            self._effective.store((weight, self.threshold, self.scale), effective)
 
     @torch.no_grad()
     def freeze(self, weight: Tensor) -> None:

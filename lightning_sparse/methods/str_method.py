@@ -35,11 +35,13 @@ pulls far-off thresholds together), as it does in plain STR.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import sys
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Self, cast
+from typing import Any, ClassVar, Self, cast
 
 import torch
 from torch import Tensor
@@ -49,15 +51,25 @@ from typing_extensions import override
 from lightning_sparse import kernels
 from lightning_sparse.arguments import StepOrFraction, check_real
 from lightning_sparse.methods.base import (
+    EffectiveWeightCache,
     SparseLayers,
     SparseParametrization,
     SparsityMethod,
     kept_gradient,
     soft_threshold,
+    tensor_owners,
 )
 from lightning_sparse.optim import StepHooks, add_beside, decay_at_each_step, weight_decay_style
 from lightning_sparse.schedules import Schedule, build_schedule, check_order, check_schedule_settings, resolve_ramp
-from lightning_sparse.sharding import Group, all_gather_cat, all_sum, average_gradient_over, local_shard, shard_group
+from lightning_sparse.sharding import (
+    Group,
+    all_gather_cat,
+    all_sum,
+    average_gradient_over,
+    is_sharded,
+    local_shard,
+    shard_group,
+)
 from lightning_sparse.thresholds import NonFiniteWeightsError, count_non_finite, kth_smallest
 
 __all__ = ["STR", "LearnedSoftThreshold", "calibrate_thresholds"]
@@ -71,36 +83,75 @@ _DEFAULT_SPAN = (0.2, 0.8)
 
 
 class _SoftThreshold(torch.autograd.Function):
-    """`sign(w) * relu(|w| - g)` (`soft_threshold`), with its gradients written out.
+    """Forward: `sign(w) * relu(|w| - g)` (`soft_threshold`) of `weight`, already computed as `effective`.
+    Backward: that expression's gradients, written out.
 
     Autograd's backward of a clamp with tensor bounds builds several masks and `where`s for each
     bound, about ten times the cost of the forward on ResNet-18's weights; the same gradients need
     the kept gradient (`kept_gradient`) and one dot product: one fused pass on a large float32 CPU
-    weight (`lightning_sparse.kernels`), four eager passes elsewhere.
+    weight (`lightning_sparse.kernels`), four eager passes elsewhere. Taking the effective weight as an
+    input lets every forward between two optimizer steps reuse one (see `LearnedSoftThreshold.forward`).
     """
 
     @staticmethod
     @override
-    def forward(weight: Tensor, g: Tensor) -> Tensor:
-        return soft_threshold(weight, g)
+    def forward(weight: Tensor, g: Tensor, effective: Tensor) -> Tensor:
+        return effective.view_as(effective)
 
     @staticmethod
     @override
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(*inputs)
+    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs[:2])
 
     @staticmethod
     @override
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
         weight, g = ctx.saved_tensors
         # Survivors (|w| > g) pass the gradient through unchanged and give g a gradient of -sign(w);
         # the others give nothing to either, ties included as relu'(0) = 0 (torch's clamp would
         # split the gradient at a tie, which bf16 weights often hit).
-        gradients = kernels.soft_threshold_backward(grad, weight.detach(), g.detach())
-        if gradients is not None:
-            return gradients
+        # The incoming gradient is written over when nothing else holds it, as autograd takes such a gradient over
+        # as `.grad`: a new one would be new memory, paid for in page faults at every step. Held elsewhere (a
+        # gradient passed to `backward(gradient)`, one a tensor hook kept), it is not.
+        compiling = torch.compiler.is_compiling()
+        if not compiling and tensor_owners(grad) == 1 and sys.getrefcount(grad) <= _unshared_references():
+            d_g = kernels.soft_threshold_backward_(grad, weight.detach(), g.detach())
+            if d_g is not None:
+                return grad, d_g, None
         kept = kept_gradient(grad, weight, g)
-        return kept, -torch.dot(kept.flatten(), weight.sign().flatten())
+        return kept, -torch.dot(kept.flatten(), weight.sign().flatten()), None
+
+
+class _ReferenceProbe(torch.autograd.Function):
+    """The identity, whose backward records the Python references its incoming gradient has when nothing but
+    autograd holds it: their number depends on the versions of Python and torch."""
+
+    counts: ClassVar[list[int]] = []
+
+    @staticmethod
+    @override
+    def forward(x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    @override
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    @override
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        _ReferenceProbe.counts.append(sys.getrefcount(grad))  # as `_SoftThreshold.backward` counts its own
+        return grad
+
+
+@functools.cache
+def _unshared_references() -> int:
+    """How many references `sys.getrefcount` gives a custom backward's incoming gradient that nothing else holds."""
+    # The first forward may be a validation's (Lightning's sanity check), in inference mode.
+    with torch.inference_mode(False), torch.enable_grad():
+        _ReferenceProbe.apply(torch.zeros(1, requires_grad=True)).mul(2.0).sum().backward()
+    return _ReferenceProbe.counts.pop()
 
 
 class LearnedSoftThreshold(SparseParametrization):
@@ -108,7 +159,8 @@ class LearnedSoftThreshold(SparseParametrization):
 
     Gradients are those of that expression (as in the paper's code, here with a hand-written
     backward): weights under the threshold get none and `s` is trained by the surviving weights and
-    by weight decay, which is what makes the layer sparse.
+    by weight decay, which is what makes the layer sparse. `sharded` says the weight is sharded
+    (FSDP2): then no effective weight is kept between forwards.
 
     Example:
         >>> from torch.nn.utils import parametrize
@@ -118,10 +170,12 @@ class LearnedSoftThreshold(SparseParametrization):
         True
     """
 
-    def __init__(self, s_init: float, device: torch.device | None = None) -> None:
+    def __init__(self, s_init: float, device: torch.device | None = None, sharded: bool = False) -> None:
         super().__init__()
         # float32 whatever the weight's dtype: bf16 cannot hold the small decay steps of `s`.
         self.s = torch.nn.Parameter(torch.tensor(float(s_init), dtype=torch.float32, device=device))
+        self.sharded = sharded
+        self._effective = EffectiveWeightCache()
 
     @override
     def _apply(self, fn: Any, recurse: bool = True) -> Self:
@@ -140,7 +194,26 @@ class LearnedSoftThreshold(SparseParametrization):
 
     @override
     def forward(self, weight: Tensor) -> Tensor:
-        return cast(Tensor, _SoftThreshold.apply(weight, self.threshold()))
+        g = self.threshold()
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            _unshared_references()  # measured here, where no backward is running, for the backward to come
+        # Sharded (FSDP2), the forward gets the gathered weight, which FSDP2 frees after it: a kept effective weight
+        # would hold a full copy of it on every rank.
+        if compiling or self.sharded:
+            with torch.no_grad():
+                fresh = soft_threshold(weight.detach(), g.detach())
+            return cast(Tensor, _SoftThreshold.apply(weight, g, fresh))
+        # The weight and `s` change only at optimizer steps (and `s` at a target's calibration): one effective
+        # weight serves every forward in between, computed into the memory of the last one.
+        sources = (weight, self.s)
+        effective = self._effective.get(sources)
+        if effective is None:
+            # A normal tensor even in inference mode (a validation), so that training can be served it too.
+            with torch.no_grad(), torch.inference_mode(False):
+                effective = soft_threshold(weight.detach(), g.detach(), out=self._effective.workspace(weight))
+            self._effective.store(sources, effective)
+        return cast(Tensor, _SoftThreshold.apply(weight, g, effective))
 
     @override
     def keep_mask(self, weight: Tensor) -> Tensor:
@@ -152,7 +225,7 @@ class LearnedSoftThreshold(SparseParametrization):
     def from_state_dict(cls, original: Tensor, state: Mapping[str, Any]) -> Self | None:
         if set(state) != {"s"}:
             return None
-        candidate = cls(s_init=0.0)
+        candidate = cls(s_init=0.0, sharded=is_sharded(original))
         # `assign`: keep the saved dtype (a bf16 threshold after `bf16-true`), to compute as training did.
         candidate.load_state_dict(state, assign=True)
         return candidate
@@ -330,7 +403,7 @@ class STR(SparsityMethod):
 
     @override
     def parametrization(self, weight: Tensor, output_axis: int) -> LearnedSoftThreshold:
-        parametrization = LearnedSoftThreshold(self.s_init, device=weight.device)
+        parametrization = LearnedSoftThreshold(self.s_init, device=weight.device, sharded=is_sharded(weight))
         # Sharded, each rank holds `s` in full and FSDP2 does not manage it: average its gradient as FSDP2 does
         # the weights', so that every rank's `s` stays the same.
         average_gradient_over(parametrization.s, shard_group([weight]))
