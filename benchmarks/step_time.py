@@ -438,7 +438,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per run before those")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--epoch-batches", type=int, default=EPOCH_BATCHES)
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 32])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -447,7 +447,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--profile", choices=VARIANTS, help="only print the ops this variant adds to dense's step")
     parser.add_argument("--run-probe", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--no-publish", action="store_true", help="print, but leave RESULTS.md alone")
+    parser.add_argument(
+        "--no-publish", action="store_true", help="print; write results/step_time_quick.json, not the published files"
+    )
     args = parser.parse_args()
     silence()
     if args.run_probe:
@@ -482,8 +484,9 @@ def main() -> None:
         print("\n".join(verdict(rows, int(key.removeprefix("b").split("_t")[0]))))
     if profile:
         print(profile_table(profile))
+    # A quick run's figures go beside the published ones, never over them.
     publish(
-        "step_time",
+        "step_time_quick" if args.no_publish else "step_time",
         {**meta, "tables": tables, "profile": profile, "runs": results},
         None if args.no_publish else section(tables, profile, meta),
     )
@@ -504,16 +507,16 @@ Notes:
   layer for the mask, kept sums, rescale and new effective weight (`lightning_sparse.kernels`: C loops built
   once per machine, single-threaded; a thread per layer measured no faster at two threads, the passes being
   bound by memory). The fused loops are not torch ops: the profile table shows only what stays eager.
-- STR's forward on float32 CPU weights is torch's softshrink kernel (one pass); its backward is one fused
-  pass for the kept gradient and the threshold's dot product: the "rest of step" column. That gradient is
-  a new tensor at every step (autograd hands it to `.grad`): 4 bytes per weight of fresh memory, whose first
-  touch costs page faults, most of `_SoftThresholdBackward`'s time here (the loop itself takes about 4 ms
-  over 11.2 M weights). Dense pays that once per step for its own gradient, STR twice.
+- STR's forward also serves one effective weight per change of the raw weight or of `s` (once per
+  optimizer step), computed by torch's softshrink kernel (one pass) into the memory of the last one. Its
+  backward is one fused pass that writes the kept gradient over the incoming one (where nothing else
+  holds that, as in a plain step), which autograd then takes over as `.grad`: no new gradient tensor,
+  whose fresh memory cost page faults at every step. Both passes are in the "rest of step" column.
 - ModelPruning prunes only at epoch ends (here every `--epoch-batches` steps); between prunes a forward
   pre-hook multiplies `weight_orig` by a float mask. Its memory holds `weight_orig`, the float mask and
   the masked weight for every pruned layer.
-- ST-3 and STR memory: the effective weights (4 bytes per weight; ST-3 keeps them between steps and takes
-  |w| in their memory during its update) and ST-3's 1-byte mask.
+- ST-3 and STR memory: the effective weights (4 bytes per weight, kept between steps) and ST-3's 1-byte
+  mask.
 - Timings on this 2-core machine are noisy from process to process (the per-round ratios): the
   2-thread runs, which need both cores, suffer most.
 """
