@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self, cast
 
@@ -113,6 +113,8 @@ class EffectiveWeightCache:
         >>> cache.store((weight,), effective)
         >>> cache.get((weight,)) is effective
         True
+        >>> cache.serve((weight,), lambda: weight * 3) is effective
+        True
         >>> _ = weight.add_(1.0)  # an optimizer step
         >>> cache.get((weight,)) is None, cache.workspace(weight) is effective
         (True, True)
@@ -128,6 +130,19 @@ class EffectiveWeightCache:
         if self._entry is None or self._entry[0] != tuple(map(_tensor_key, sources)):
             return None
         return self._entry[1]
+
+    def serve(self, sources: tuple[Tensor, ...], compute: Callable[[], Tensor]) -> Tensor:
+        """The effective weight stored from `sources`, or else `compute()`'s, stored: what a forward uses.
+
+        `compute` runs without autograd, and outside inference mode even in a validation's forward: what it
+        makes is kept, and training must be able to save it for backward and write the next one over it.
+        """
+        effective = self.get(sources)
+        if effective is None:
+            with torch.no_grad(), torch.inference_mode(False):
+                effective = compute()
+            self.store(sources, effective)
+        return effective
 
     def store(self, sources: tuple[Tensor, ...], effective: Tensor) -> None:
         """Serve `effective`, computed from `sources`, until one of them changes."""

@@ -126,13 +126,9 @@ class StraightThroughSoftThreshold(SparseParametrization):
             with torch.no_grad():
                 fresh = _soft_threshold(weight.detach(), self.threshold, full_like(self.scale, weight))
             return cast(Tensor, _StraightThrough.apply(weight, fresh))
-        sources = (weight, self.threshold, self.scale)
-        effective = self._effective.get(sources)
-        if effective is None:
-            # A normal tensor even in inference mode (a validation), so that training can be served it too.
-            with torch.no_grad(), torch.inference_mode(False):
-                effective = _soft_threshold(weight.detach(), self.threshold, self.scale)
-            self._effective.store(sources, effective)
+        effective = self._effective.serve(
+            (weight, self.threshold, self.scale), lambda: _soft_threshold(weight.detach(), self.threshold, self.scale)
+        )
         return cast(Tensor, _StraightThrough.apply(weight, effective))
 
     @override

@@ -206,13 +206,9 @@ class LearnedSoftThreshold(SparseParametrization):
             return cast(Tensor, _SoftThreshold.apply(weight, g, fresh))
         # The weight and `s` change only at optimizer steps (and `s` at a target's calibration): one effective
         # weight serves every forward in between, computed into the memory of the last one.
-        sources = (weight, self.s)
-        effective = self._effective.get(sources)
-        if effective is None:
-            # A normal tensor even in inference mode (a validation), so that training can be served it too.
-            with torch.no_grad(), torch.inference_mode(False):
-                effective = soft_threshold(weight.detach(), g.detach(), out=self._effective.workspace(weight))
-            self._effective.store(sources, effective)
+        effective = self._effective.serve(
+            (weight, self.s), lambda: soft_threshold(weight.detach(), g.detach(), out=self._effective.workspace(weight))
+        )
         return cast(Tensor, _SoftThreshold.apply(weight, g, effective))
 
     @override
