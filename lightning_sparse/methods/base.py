@@ -111,13 +111,13 @@ class EffectiveWeightCache:
         >>> weight, cache = torch.ones(3), EffectiveWeightCache()
         >>> effective = weight * 2
         >>> cache.store((weight,), effective)
-        >>> cache.get((weight,)) is effective
-        True
         >>> cache.serve((weight,), lambda: weight * 3) is effective
         True
         >>> _ = weight.add_(1.0)  # an optimizer step
-        >>> cache.get((weight,)) is None, cache.workspace(weight) is effective
-        (True, True)
+        >>> cache.workspace(weight) is effective  # its memory, for the next one
+        True
+        >>> cache.serve((weight,), lambda: weight * 3) is effective  # no longer served
+        False
     """
 
     def __init__(self) -> None:
@@ -125,23 +125,18 @@ class EffectiveWeightCache:
         # with it, and no other tensor can take their id.
         self._entry: tuple[tuple[Any, ...], Tensor, tuple[Tensor, ...]] | None = None
 
-    def get(self, sources: tuple[Tensor, ...]) -> Tensor | None:
-        """The effective weight stored from `sources`, if none of them changed since."""
-        if self._entry is None or self._entry[0] != tuple(map(_tensor_key, sources)):
-            return None
-        return self._entry[1]
-
     def serve(self, sources: tuple[Tensor, ...], compute: Callable[[], Tensor]) -> Tensor:
-        """The effective weight stored from `sources`, or else `compute()`'s, stored: what a forward uses.
+        """The effective weight stored from `sources` if none of them changed since, or else `compute()`'s, stored:
+        what a forward uses.
 
         `compute` runs without autograd, and outside inference mode even in a validation's forward: what it
         makes is kept, and training must be able to save it for backward and write the next one over it.
         """
-        effective = self.get(sources)
-        if effective is None:
-            with torch.no_grad(), torch.inference_mode(False):
-                effective = compute()
-            self.store(sources, effective)
+        if self._entry is not None and self._entry[0] == tuple(map(_tensor_key, sources)):
+            return self._entry[1]
+        with torch.no_grad(), torch.inference_mode(False):
+            effective = compute()
+        self.store(sources, effective)
         return effective
 
     def store(self, sources: tuple[Tensor, ...], effective: Tensor) -> None:
