@@ -139,12 +139,17 @@ def rss_mib(field: str) -> float:
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on, including the load other users put on it."""
-    cpu = "unknown CPU"
+    cpu, vector = "unknown CPU", "unknown"
     if os.path.exists("/proc/cpuinfo"):
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        info = Path("/proc/cpuinfo").read_text()
+        found = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
         cpu = found.group(1) if found else cpu
+        # The widest vectors the fused loops are built for: the same model name can hide CPUs with and without.
+        flags = set(re.findall(r"^flags\s*:\s*(.+)$", info, re.MULTILINE)[0].split()) if "flags" in info else set()
+        vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "no AVX2")
     return {
         "cpu": cpu,
+        "vector": vector,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -157,8 +162,9 @@ def machine() -> dict[str, Any]:
 
 def machine_line(before: dict[str, Any], after: dict[str, Any]) -> str:
     """One Markdown line naming the machine, versions and the load average around the run."""
+    cpu = ", ".join(filter(None, [before["cpu"], before.get("vector")]))  # runs before `vector` was recorded lack it
     return (
-        f"Machine: {before['cores']} CPU cores ({before['cpu']}), torch {before['torch']}, "
+        f"Machine: {before['cores']} CPU cores ({cpu}), torch {before['torch']}, "
         f"Lightning {before['lightning']}, Python {before['python']}. Load average (1/5/15 min) "
         f"{'/'.join(map(str, before['loadavg']))} before and {'/'.join(map(str, after['loadavg']))} after the run: "
         "the machine was shared with other jobs."

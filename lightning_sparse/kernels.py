@@ -12,6 +12,9 @@ Each function serves contiguous float32 CPU tensors of at least `MIN_ELEMENTS` e
 track, outside `torch.compile`, and returns None (or False) anywhere else: the caller then runs its eager form,
 which computes the same values. A fused sum may round differently (its order of summation); an elementwise result
 never does. If no compiler works, one warning says so and the eager forms run from then on.
+
+Each loop runs on one thread and releases the GIL; `map_layers` shares a pass's layers out among torch's thread
+count, as one core reads and writes memory at a fraction of what the machine can.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -35,6 +40,7 @@ __all__ = [
     "MIN_ELEMENTS",
     "abs_row_sums",
     "count_below_and_select",
+    "map_layers",
     "select_ranks",
     "soft_threshold_backward_",
     "st3_apply",
@@ -43,11 +49,17 @@ __all__ = [
 MIN_ELEMENTS = 1 << 12
 """Below this many entries the eager forms are as fast: a call here costs a few microseconds."""
 
+MIN_THREADED_ELEMENTS = 1 << 20
+"""Below this many entries in all, `map_layers` runs on the calling thread: a hand-off to another costs tens of
+microseconds, and a pass over a million weights about a hundred."""
+
+_Result = TypeVar("_Result")
+
 # Lanes of 16 independent sums and counts: the compiler vectorises them without reassociating a float sum.
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -72,6 +84,17 @@ double soft_threshold_backward(float *restrict grad, const float *restrict weigh
     return total;
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* For each 8-bit mask, the lanes it sets, first to last: filled when the library is loaded, before any thread can
+   read it. */
+static int32_t pack[256][8] __attribute__((aligned(32)));
+__attribute__((constructor)) static void fill_pack(void) {
+    for (int bits = 0; bits < 256; bits++)
+        for (int j = 0, k = 0; j < 8; j++)
+            if (bits >> j & 1) pack[bits][k++] = j;
+}
+#endif
+
 /* Counts below `lo` and copies out those in [lo, hi] (of |v| with `absolute`), in their order, branch-free: each
    entry is stored and the end advanced by whether it is inside. Stores stop 16 short of `capacity`; the count does
    not: all were stored iff the count + 16 <= capacity. */
@@ -91,6 +114,24 @@ int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, flo
         m += __builtin_popcount(in);
     }
     below = _mm512_reduce_add_epi32(lanes);
+#elif defined(__AVX2__)
+    /* No compress: a permutation from a table packs a block's entries inside, chosen by their 8-bit mask. */
+    __m256i lanes = _mm256_setzero_si256();
+    const __m256 low = _mm256_set1_ps(lo), high = _mm256_set1_ps(hi), sign = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(v + i);
+        if (absolute) x = _mm256_andnot_ps(sign, x);
+        /* A true comparison is all ones, -1 as an integer. */
+        lanes = _mm256_sub_epi32(lanes, _mm256_castps_si256(_mm256_cmp_ps(x, low, _CMP_LT_OQ)));
+        int in = _mm256_movemask_ps(
+            _mm256_and_ps(_mm256_cmp_ps(x, low, _CMP_GE_OQ), _mm256_cmp_ps(x, high, _CMP_LE_OQ)));
+        if (m + 16 <= capacity)
+            _mm256_storeu_ps(inside + m, _mm256_permutevar8x32_ps(x, _mm256_load_si256((const __m256i *)pack[in])));
+        m += __builtin_popcount(in);
+    }
+    int32_t counts[8];
+    _mm256_storeu_si256((__m256i *)counts, lanes);
+    for (int j = 0; j < 8; j++) below += counts[j];
 #else
     /* A vector pass counts both per block of 16; only the blocks holding one are copied. */
     for (; i + 256 <= n; i += 256) {
@@ -145,15 +186,19 @@ static int64_t partition(float *restrict v, int64_t left, int64_t right, float p
 /* The ranks[0] > ranks[1] > ... (from 1) smallest of `v`, reordering it: quickselect in three parts (below, equal,
    above) so that ties cannot stall it, each rank's search confined to the part left of the previous rank. The pivot
    is the median of three entries at pseudo-random (but fixed) places, as any fixed places have inputs, sorted ones
-   among them, that make every round a bad one. Returns 0, or 1 if a search took more rounds than the caller should
-   wait for (then it selects another way). */
+   among them, that make every round a bad one. Returns 0; 1, with `v` untouched, if it holds a NaN, which compares
+   false both ways and has no rank; or 2 if a search took more rounds than the caller should wait for. The caller
+   then selects another way. */
 int select_ranks(float *restrict v, int64_t n, const int64_t *ranks, int count, float *restrict found) {
+    int nan = 0;
+    for (int64_t i = 0; i < n; i++) nan |= v[i] != v[i];
+    if (nan) return 1;
     int64_t right = n - 1;
     uint64_t state = 0x9E3779B97F4A7C15u;
     for (int r = 0; r < count; r++) {
         int64_t k = ranks[r] - 1, left = 0;
         for (int round = 0; left < right; round++) {
-            if (round > 200) return 1;
+            if (round > 200) return 2;
             float three[3];
             for (int t = 0; t < 3; t++) {
                 state ^= state << 13, state ^= state >> 7, state ^= state << 17;
@@ -212,10 +257,13 @@ void st3_apply(const float *restrict weight, float *restrict effective, uint8_t 
             scale[r] = s;
         }
         for (int64_t c = 0; c < cols; c++) mask[r * cols + c] = fabsf(w[c]) * width > threshold;
+        /* softshrink as a select of values computed for every entry: a branch, or arithmetic done only on one side
+           of one, keeps the compiler from vectorising the loop where the CPU has no masked stores (AVX2). Exact:
+           copysign(|x| - shrink, x) is x - shrink or x + shrink as rounded, and a pruned entry is +0 as in torch. */
         if (effective)
             for (int64_t c = 0; c < cols; c++) {
-                float x = w[c];
-                effective[r * cols + c] = (x > shrink ? x - shrink : (x < -shrink ? x + shrink : 0.0f)) * s;
+                float x = w[c], kept = fabsf(x) - shrink;
+                effective[r * cols + c] = (kept > 0.0f ? copysignf(kept, x) : 0.0f) * s;
             }
     }
 }
@@ -232,7 +280,8 @@ _SIGNATURES = {
     "abs_row_sums": (None, [_POINTER, _I64, _I64, _POINTER]),
     "st3_apply": (None, [_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _I64, _I64] + [_FLOAT] * 4 + [ctypes.c_int]),
 }
-# Tried in turn. `-march=native` for the vector width and byte stores (and AVX-512's compress, where the CPU has it);
+# Tried in turn. `-march=native` for the vector width and byte stores (and AVX-512's compress or AVX2's permutes,
+# where the CPU has them);
 # without it (a compiler that refuses it) the loops are correct, only slower.
 _FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 # The loaded library, or None once building it failed (then the eager forms run): see `_library`.
@@ -365,8 +414,8 @@ def count_below_and_select(
 
 def select_ranks(values: Tensor, ranks: Sequence[int]) -> list[float] | None:
     """The `ranks`-th smallest (from 1, each in `[1, values.numel()]`) of the flat `values`, which it reorders: a
-    quickselect, where `kthvalue` copies and sorts more. None where the loop does not serve (nothing is reordered),
-    or if it would take too long (a pathological order; then `values` are reordered).
+    quickselect, where `kthvalue` copies and sorts more. None where the loop does not serve or `values` hold a NaN
+    (nothing is reordered), or if it would take too long (a pathological order; then `values` are reordered).
 
     Example:
         >>> values = torch.arange(float(MIN_ELEMENTS)).flip(0)
@@ -374,7 +423,7 @@ def select_ranks(values: Tensor, ranks: Sequence[int]) -> list[float] | None:
         [0.0, 99.0, 4095.0]
     """
     library = _servable(values)
-    if library is None or bool(values.isnan().any()):
+    if library is None:
         return None
     # The loop takes distinct ranks, largest first: each search then stays left of the one before.
     distinct = sorted(set(ranks), reverse=True)
@@ -429,3 +478,56 @@ def st3_apply(
         threshold, width, threshold / width, epsilon, total is not None,
     )  # fmt: skip
     return True
+
+
+def map_layers(function: Callable[[int], _Result], weights: Sequence[Tensor]) -> list[_Result]:
+    """`[function(i) for i in range(len(weights))]`, the layers shared out by size among `torch.get_num_threads()`
+    threads, the calling one among them: each loop here runs on one thread (and releases the GIL), and a pass over
+    memory from one core leaves most of the machine's bandwidth unused. On one thread, on small or non-CPU weights,
+    or with no loops built, the layers run in turn on the calling thread. `function(i)` must touch layer `i` alone,
+    and call no collective (their order would differ between ranks); results are in layer order either way.
+
+    Example:
+        >>> map_layers(lambda i: i * 10, [torch.zeros(3), torch.zeros(5)])
+        [0, 10]
+    """
+    threads = min(torch.get_num_threads(), len(weights))
+    if (
+        threads < 2
+        or sum(w.numel() for w in weights) < MIN_THREADED_ELEMENTS
+        or any(w.device.type != "cpu" for w in weights)
+        or _library() is None
+    ):
+        return [function(i) for i in range(len(weights))]
+    # Largest first, each to the least loaded thread: within a few percent of an even split for real layer sizes.
+    shares: list[list[int]] = [[] for _ in range(threads)]
+    loads = [0] * threads
+    for i in sorted(range(len(weights)), key=lambda i: -weights[i].numel()):
+        least = loads.index(min(loads))
+        shares[least].append(i)
+        loads[least] += weights[i].numel()
+    results: dict[int, _Result] = {}
+
+    def run(share: list[int]) -> None:
+        for i in share:
+            results[i] = function(i)
+
+    futures = [_pool(threads - 1).submit(run, share) for share in shares[1:]]
+    try:
+        run(shares[0])
+    finally:  # no layer is still being written once this returns or raises
+        wait(futures)
+    for future in futures:
+        future.result()
+    return [results[i] for i in range(len(weights))]
+
+
+# By process: a forked process (a DataLoader worker) inherits the pool but not its threads.
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    key = (os.getpid(), workers)
+    if key not in _pools:
+        _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix="lightning-sparse")
+    return _pools[key]

@@ -246,8 +246,9 @@ def _kth_smallest_bracketed(
 
     # Flat views: a boolean index into a 4-D weight builds four index tensors, 2-3x the time of one.
     values = [v.reshape(-1) for v in values]
-    local = [_scaled(v[::stride].abs() if absolute else v[::stride], s) for v, s in zip(values, scales, strict=True)]
-    sample = all_gather_cat(torch.cat(local), group)
+    # |v| * s is |v * s| bit for bit (s > 0): one `abs` for the whole sample, not one per layer.
+    local = torch.cat([_scaled(v[::stride], s) for v, s in zip(values, scales, strict=True)])
+    sample = all_gather_cat(local.abs_() if absolute else local, group)
     m = sample.numel()
     q = k / total
     # A 5-sigma binomial margin: the bracket misses the true quantile about once in a million calls,
@@ -257,14 +258,15 @@ def _kth_smallest_bracketed(
     ranks = [rank for rank in (lo_rank, hi_rank) if 1 <= rank <= m]
     bounds = dict(zip(ranks, _select_ranks(sample, ranks), strict=True))
     lo, hi = bounds.get(lo_rank, -math.inf), bounds.get(hi_rank, math.inf)
-    below, inside = 0, []
-    for v, s in zip(values, scales, strict=True):
+
+    def count_and_select(i: int) -> tuple[int, Tensor]:
         # Room is address space, not memory, until written: room for four times a layer's share of the bracket
         # (it holds more only by chance or by scale) makes a second pass rare.
-        room = min(v.numel(), 4 * (hi_rank - lo_rank) * v.numel() // m + 1024)
-        n_below, v_inside = _count_below_and_select(v, lo / s, hi / s, room, absolute)
-        below += n_below
-        inside.append(v_inside)
+        room = min(values[i].numel(), 4 * (hi_rank - lo_rank) * values[i].numel() // m + 1024)
+        return _count_below_and_select(values[i], lo / scales[i], hi / scales[i], room, absolute)
+
+    counted = kernels.map_layers(count_and_select, values)
+    below, inside = sum(n for n, _ in counted), [v_inside for _, v_inside in counted]
     counts = torch.tensor([below, sum(x.numel() for x in inside)], device=values[0].device)
     n_below, n_inside = all_sum(counts, group).tolist()
     if n_below < k <= n_below + n_inside:
