@@ -505,9 +505,9 @@ Notes:
   pass per layer that counts the magnitudes below the bracket and copies out those inside it (taking |w| as it
   reads: no magnitude tensor), the exact selection among those (a fused quickselect), and one fused pass per
   layer for the mask, kept sums, rescale and new effective weight (`lightning_sparse.kernels`: C loops built
-  once per machine, each on one thread; at two torch threads the layers of each pass are shared out between
-  two, as one core does not use the machine's memory bandwidth). The fused loops are not torch ops: the
-  profile table shows only what stays eager.
+  once per machine, single-threaded: a second thread sharing out the layers measured no faster here, as torch's
+  own worker thread spins on the other core for milliseconds after each parallel op). The fused loops are not
+  torch ops: the profile table shows only what stays eager.
 - STR's forward also serves one effective weight per change of the raw weight or of `s` (once per
   optimizer step), computed by torch's softshrink kernel (one pass) into the memory of the last one. Its
   backward is one fused pass that writes the kept gradient over the incoming one (where nothing else

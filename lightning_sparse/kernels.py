@@ -12,9 +12,6 @@ Each function serves contiguous float32 CPU tensors of at least `MIN_ELEMENTS` e
 track, outside `torch.compile`, and returns None (or False) anywhere else: the caller then runs its eager form,
 which computes the same values. A fused sum may round differently (its order of summation); an elementwise result
 never does. If no compiler works, one warning says so and the eager forms run from then on.
-
-Each loop runs on one thread and releases the GIL; `map_layers` shares a pass's layers out among torch's thread
-count, as one core reads and writes memory at a fraction of what the machine can.
 """
 
 from __future__ import annotations
@@ -28,10 +25,8 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -40,7 +35,6 @@ __all__ = [
     "MIN_ELEMENTS",
     "abs_row_sums",
     "count_below_and_select",
-    "map_layers",
     "select_ranks",
     "soft_threshold_backward_",
     "st3_apply",
@@ -48,12 +42,6 @@ __all__ = [
 
 MIN_ELEMENTS = 1 << 12
 """Below this many entries the eager forms are as fast: a call here costs a few microseconds."""
-
-MIN_THREADED_ELEMENTS = 1 << 20
-"""Below this many entries in all, `map_layers` runs on the calling thread: a hand-off to another costs tens of
-microseconds, and a pass over a million weights about a hundred."""
-
-_Result = TypeVar("_Result")
 
 # Lanes of 16 independent sums and counts: the compiler vectorises them without reassociating a float sum.
 _SOURCE = r"""
@@ -478,56 +466,3 @@ def st3_apply(
         threshold, width, threshold / width, epsilon, total is not None,
     )  # fmt: skip
     return True
-
-
-def map_layers(function: Callable[[int], _Result], weights: Sequence[Tensor]) -> list[_Result]:
-    """`[function(i) for i in range(len(weights))]`, the layers shared out by size among `torch.get_num_threads()`
-    threads, the calling one among them: each loop here runs on one thread (and releases the GIL), and a pass over
-    memory from one core leaves most of the machine's bandwidth unused. On one thread, on small or non-CPU weights,
-    or with no loops built, the layers run in turn on the calling thread. `function(i)` must touch layer `i` alone,
-    and call no collective (their order would differ between ranks); results are in layer order either way.
-
-    Example:
-        >>> map_layers(lambda i: i * 10, [torch.zeros(3), torch.zeros(5)])
-        [0, 10]
-    """
-    threads = min(torch.get_num_threads(), len(weights))
-    if (
-        threads < 2
-        or sum(w.numel() for w in weights) < MIN_THREADED_ELEMENTS
-        or any(w.device.type != "cpu" for w in weights)
-        or _library() is None
-    ):
-        return [function(i) for i in range(len(weights))]
-    # Largest first, each to the least loaded thread: within a few percent of an even split for real layer sizes.
-    shares: list[list[int]] = [[] for _ in range(threads)]
-    loads = [0] * threads
-    for i in sorted(range(len(weights)), key=lambda i: -weights[i].numel()):
-        least = loads.index(min(loads))
-        shares[least].append(i)
-        loads[least] += weights[i].numel()
-    results: dict[int, _Result] = {}
-
-    def run(share: list[int]) -> None:
-        for i in share:
-            results[i] = function(i)
-
-    futures = [_pool(threads - 1).submit(run, share) for share in shares[1:]]
-    try:
-        run(shares[0])
-    finally:  # no layer is still being written once this returns or raises
-        wait(futures)
-    for future in futures:
-        future.result()
-    return [results[i] for i in range(len(weights))]
-
-
-# By process: a forked process (a DataLoader worker) inherits the pool but not its threads.
-_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    key = (os.getpid(), workers)
-    if key not in _pools:
-        _pools[key] = ThreadPoolExecutor(workers, thread_name_prefix="lightning-sparse")
-    return _pools[key]

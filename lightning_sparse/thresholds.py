@@ -258,15 +258,14 @@ def _kth_smallest_bracketed(
     ranks = [rank for rank in (lo_rank, hi_rank) if 1 <= rank <= m]
     bounds = dict(zip(ranks, _select_ranks(sample, ranks), strict=True))
     lo, hi = bounds.get(lo_rank, -math.inf), bounds.get(hi_rank, math.inf)
-
-    def count_and_select(i: int) -> tuple[int, Tensor]:
+    below, inside = 0, []
+    for v, s in zip(values, scales, strict=True):
         # Room is address space, not memory, until written: room for four times a layer's share of the bracket
         # (it holds more only by chance or by scale) makes a second pass rare.
-        room = min(values[i].numel(), 4 * (hi_rank - lo_rank) * values[i].numel() // m + 1024)
-        return _count_below_and_select(values[i], lo / scales[i], hi / scales[i], room, absolute)
-
-    counted = kernels.map_layers(count_and_select, values)
-    below, inside = sum(n for n, _ in counted), [v_inside for _, v_inside in counted]
+        room = min(v.numel(), 4 * (hi_rank - lo_rank) * v.numel() // m + 1024)
+        n_below, v_inside = _count_below_and_select(v, lo / s, hi / s, room, absolute)
+        below += n_below
+        inside.append(v_inside)
     counts = torch.tensor([below, sum(x.numel() for x in inside)], device=values[0].device)
     n_below, n_inside = all_sum(counts, group).tolist()
     if n_below < k <= n_below + n_inside:

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_sparse import SparsityCallback, kernels
-from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, channel_l1, update_thresholds
+from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, channel_l1
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from lightning_sparse.thresholds import _count_below_and_select
 from models import LENGTH, Crash, TinyNet, make_trainer
@@ -183,70 +180,6 @@ def test_fused_st3_update_sets_the_eager_mask_rescale_and_effective_weight(
     torch.testing.assert_close(effective, eager_effective, rtol=1e-6, atol=0)
     if not rescale:  # no sum to round differently: the same bits, a pruned entry's +0 among them
         assert torch.equal(effective.view(torch.int32), eager_effective.view(torch.int32))
-
-
-@pytest.fixture
-def two_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_map_layers_shares_large_layers_among_threads_and_keeps_their_order(two_threads: None) -> None:
-    large = [torch.zeros(n) for n in (kernels.MIN_THREADED_ELEMENTS, 10, kernels.MIN_THREADED_ELEMENTS // 2, 7)]
-    small = large[1:2]
-    ran_on: dict[int, str] = {}
-
-    def record(weights: list[torch.Tensor]) -> Callable[[int], int]:
-        def size(i: int) -> int:
-            ran_on[i] = threading.current_thread().name
-            return weights[i].numel()
-
-        return size
-
-    assert kernels.map_layers(record(large), large) == [w.numel() for w in large]
-    assert len(set(ran_on.values())) == 2  # the largest on one thread, everything else on the other
-    ran_on.clear()
-    assert kernels.map_layers(record(small), small) == [10]
-    assert set(ran_on.values()) == {threading.current_thread().name}  # too small to hand off
-
-
-def test_map_layers_raises_a_layers_error_once_every_layer_is_done(two_threads: None) -> None:
-    weights = [torch.zeros(kernels.MIN_THREADED_ELEMENTS) for _ in range(4)]
-    done: list[int] = []
-
-    def fail_on_the_last(i: int) -> None:
-        if i == 3:
-            raise ValueError("layer 3")
-        time.sleep(0.05)
-        done.append(i)
-
-    with pytest.raises(ValueError, match="layer 3"):
-        kernels.map_layers(fail_on_the_last, weights)
-    assert sorted(done) == [0, 1, 2]
-
-
-@pytest.mark.parametrize("sigma", [False, True], ids=["st3", "sigma"])
-def test_st3_update_on_two_threads_sets_what_one_thread_sets(sigma: bool) -> None:
-    generator = torch.Generator().manual_seed(6)
-    shapes = [(256, 128, 3, 3), (512, 256, 3, 3), (64, 3, 7, 7), (1000, 512)]
-    weights = [torch.randn(shape, generator=generator) / math.sqrt(math.prod(shape[1:])) for shape in shapes]
-    assert sum(w.numel() for w in weights) >= kernels.MIN_THREADED_ELEMENTS
-    results = []
-    threads = torch.get_num_threads()
-    for count in (1, 2):
-        torch.set_num_threads(count)
-        try:
-            layers = [StraightThroughSoftThreshold(w) for w in weights]
-            tau = update_thresholds(layers, weights, sparsity=0.9, sigma=sigma)
-        finally:
-            torch.set_num_threads(threads)
-        states = [(*layer.buffers(), layer(w)) for layer, w in zip(layers, weights, strict=True)]
-        results.append([tau] + [t for state in states for t in state])
-    one, two = results
-    assert one[0] == two[0]
-    assert all(torch.equal(a, b) for a, b in zip(one[1:], two[1:], strict=True))
 
 
 # ------------------------------------------------------------------ in a Trainer

@@ -295,7 +295,7 @@ def update_thresholds(
     shards = [local_shard(w).detach() for w in weights]
     # Each channel's L1 mass, for the rescale: NaN or inf anywhere in a layer makes its sum non-finite, so the check
     # costs no pass over the weights of its own, and one host sync in all.
-    totals = kernels.map_layers(lambda i: channel_l1(shards[i], layers[i].output_axis), shards)
+    totals = [channel_l1(w, layer.output_axis) for layer, w in zip(layers, shards, strict=True)]
     finite = torch.isfinite(torch.cat([t.flatten() for t in totals])).all() if totals else torch.tensor(True)
     if int(all_sum((~finite).long().reshape(1), group)):
         labels = list(names) if names is not None else [f"#{i}" for i in range(len(weights))]
@@ -309,11 +309,8 @@ def update_thresholds(
     check_min_density(sizes, sparsity, min_density)
     floors = min_kept_per_layer(sizes, min_density)
     tau, thresholds = floored_magnitude_thresholds(shards, sparsity, floors, scales, group)
-
-    def apply(i: int) -> None:
-        layers[i].set_threshold(weights[i], thresholds[i], scales[i], total=totals[i] if layers[i].rescale else None)
-
-    kernels.map_layers(apply, shards)
+    for layer, weight, threshold, scale, total in zip(layers, weights, thresholds, scales, totals, strict=True):
+        layer.set_threshold(weight, threshold, scale, total=total if layer.rescale else None)
     return tau
 
 
