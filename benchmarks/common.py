@@ -145,7 +145,8 @@ def machine() -> dict[str, Any]:
         found = re.search(r"^model name\s*:\s*(.+)$", info, re.MULTILINE)
         cpu = found.group(1) if found else cpu
         # The widest vectors the fused loops are built for: the same model name can hide CPUs with and without.
-        flags = set(re.findall(r"^flags\s*:\s*(.+)$", info, re.MULTILINE)[0].split()) if "flags" in info else set()
+        listed = re.search(r"^flags\s*:\s*(.+)$", info, re.MULTILINE)
+        flags = set(listed.group(1).split()) if listed else set()
         vector = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if flag in flags), "no AVX2")
     return {
         "cpu": cpu,

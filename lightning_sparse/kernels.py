@@ -269,8 +269,7 @@ _SIGNATURES = {
     "st3_apply": (None, [_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _I64, _I64] + [_FLOAT] * 4 + [ctypes.c_int]),
 }
 # Tried in turn. `-march=native` for the vector width and byte stores (and AVX-512's compress or AVX2's permutes,
-# where the CPU has them);
-# without it (a compiler that refuses it) the loops are correct, only slower.
+# where the CPU has them); without it (a compiler that refuses it) the loops are correct, only slower.
 _FLAG_SETS = (("-O3", "-march=native"), ("-O3",))
 # The loaded library, or None once building it failed (then the eager forms run): see `_library`.
 _loaded: dict[str, ctypes.CDLL | None] = {}
