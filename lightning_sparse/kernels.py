@@ -33,7 +33,6 @@ from torch import Tensor
 
 __all__ = [
     "MIN_ELEMENTS",
-    "abs_row_sums",
     "count_below_and_select",
     "select_ranks",
     "soft_threshold_backward_",
@@ -85,52 +84,63 @@ __attribute__((constructor)) static void fill_pack(void) {
 
 /* Counts below `lo` and copies out those in [lo, hi] (of |v| with `absolute`), in their order, branch-free: each
    entry is stored and the end advanced by whether it is inside. Stores stop 16 short of `capacity`; the count does
-   not: all were stored iff the count + 16 <= capacity. */
+   not: all were stored iff the count + 16 <= capacity. Also counts the NaN and infinite entries, which fall in
+   neither: the caller needs no pass of its own to refuse them. */
 int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, float hi, int absolute,
-                               float *restrict inside, int64_t capacity, int64_t *n_inside) {
-    int64_t below = 0, m = 0, i = 0;
+                               float *restrict inside, int64_t capacity, int64_t *n_inside, int64_t *n_non_finite) {
+    int64_t below = 0, m = 0, bad = 0, i = 0;
 #ifdef __AVX512F__
     /* Compress packs a block's entries inside to the front of a register, which is stored whole. */
-    __m512i lanes = _mm512_setzero_si512();
-    const __m512 low = _mm512_set1_ps(lo), high = _mm512_set1_ps(hi);
+    __m512i lanes = _mm512_setzero_si512(), non_finite = _mm512_setzero_si512();
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512 low = _mm512_set1_ps(lo), high = _mm512_set1_ps(hi), infinite = _mm512_set1_ps(INFINITY);
     for (; i + 16 <= n; i += 16) {
-        __m512 x = _mm512_loadu_ps(v + i);
-        if (absolute) x = _mm512_abs_ps(x);
-        lanes = _mm512_mask_add_epi32(lanes, _mm512_cmp_ps_mask(x, low, _CMP_LT_OQ), lanes, _mm512_set1_epi32(1));
+        __m512 x = _mm512_loadu_ps(v + i), magnitude = _mm512_abs_ps(x);
+        if (absolute) x = magnitude;
+        lanes = _mm512_mask_add_epi32(lanes, _mm512_cmp_ps_mask(x, low, _CMP_LT_OQ), lanes, one);
+        non_finite = _mm512_mask_add_epi32(
+            non_finite, _mm512_cmp_ps_mask(magnitude, infinite, _CMP_NLT_UQ), non_finite, one);
         __mmask16 in = _mm512_cmp_ps_mask(x, low, _CMP_GE_OQ) & _mm512_cmp_ps_mask(x, high, _CMP_LE_OQ);
         if (m + 16 <= capacity) _mm512_storeu_ps(inside + m, _mm512_maskz_compress_ps(in, x));
         m += __builtin_popcount(in);
     }
     below = _mm512_reduce_add_epi32(lanes);
+    bad = _mm512_reduce_add_epi32(non_finite);
 #elif defined(__AVX2__)
     /* No compress: a permutation from a table packs a block's entries inside, chosen by their 8-bit mask. */
-    __m256i lanes = _mm256_setzero_si256();
-    const __m256 low = _mm256_set1_ps(lo), high = _mm256_set1_ps(hi), sign = _mm256_set1_ps(-0.0f);
+    __m256i lanes = _mm256_setzero_si256(), non_finite = _mm256_setzero_si256();
+    const __m256 low = _mm256_set1_ps(lo), high = _mm256_set1_ps(hi), sign = _mm256_set1_ps(-0.0f),
+                 infinite = _mm256_set1_ps(INFINITY);
     for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(v + i);
-        if (absolute) x = _mm256_andnot_ps(sign, x);
+        __m256 x = _mm256_loadu_ps(v + i), magnitude = _mm256_andnot_ps(sign, x);
+        if (absolute) x = magnitude;
         /* A true comparison is all ones, -1 as an integer. */
         lanes = _mm256_sub_epi32(lanes, _mm256_castps_si256(_mm256_cmp_ps(x, low, _CMP_LT_OQ)));
+        non_finite = _mm256_sub_epi32(
+            non_finite, _mm256_castps_si256(_mm256_cmp_ps(magnitude, infinite, _CMP_NLT_UQ)));
         int in = _mm256_movemask_ps(
             _mm256_and_ps(_mm256_cmp_ps(x, low, _CMP_GE_OQ), _mm256_cmp_ps(x, high, _CMP_LE_OQ)));
         if (m + 16 <= capacity)
             _mm256_storeu_ps(inside + m, _mm256_permutevar8x32_ps(x, _mm256_load_si256((const __m256i *)pack[in])));
         m += __builtin_popcount(in);
     }
-    int32_t counts[8];
+    int32_t counts[8], bad_counts[8];
     _mm256_storeu_si256((__m256i *)counts, lanes);
-    for (int j = 0; j < 8; j++) below += counts[j];
+    _mm256_storeu_si256((__m256i *)bad_counts, non_finite);
+    for (int j = 0; j < 8; j++) below += counts[j], bad += bad_counts[j];
 #else
     /* A vector pass counts both per block of 16; only the blocks holding one are copied. */
     for (; i + 256 <= n; i += 256) {
-        int b = 0, in[16] = {0};
+        int b = 0, nf = 0, in[16] = {0};
         for (int k = 0; k < 16; k++)
             for (int j = 0; j < 16; j++) {
                 float x = absolute ? fabsf(v[i + 16 * k + j]) : v[i + 16 * k + j];
                 b += x < lo;
+                nf += !(fabsf(x) < INFINITY);
                 in[k] += (x >= lo) & (x <= hi);
             }
         below += b;
+        bad += nf;
         for (int k = 0; k < 16; k++) {
             if (!in[k]) continue;
             if (m + 16 > capacity) {
@@ -148,12 +158,14 @@ int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, flo
     for (; i < n; i++) {
         float x = absolute ? fabsf(v[i]) : v[i];
         below += x < lo;
+        bad += !(fabsf(x) < INFINITY);
         if (x >= lo && x <= hi) {
             if (m + 16 <= capacity) inside[m] = x;
             m++;
         }
     }
     *n_inside = m;
+    *n_non_finite = bad;
     return below;
 }
 
@@ -209,42 +221,38 @@ int select_ranks(float *restrict v, int64_t n, const int64_t *ranks, int count, 
     return 0;
 }
 
-/* A row's sum of |w|, or with `prune` of those with |w| * width > threshold: in the same order either way, so a row
-   with nothing pruned keeps its total exactly. */
-static inline float abs_sum(const float *restrict w, int64_t cols, int prune, float threshold, float width) {
+/* A row's sum of |w|, or with `prune` of those with |w| > shrink: in the same order either way, so a row with
+   nothing pruned keeps exactly its total, and its rescale is exactly 1. */
+static inline float abs_sum(const float *restrict w, int64_t cols, int prune, float shrink) {
     float lanes[16] = {0};
     double sum = 0.0;
     int64_t c = 0;
     for (; c + 16 <= cols; c += 16)
         for (int j = 0; j < 16; j++) {
             float a = fabsf(w[c + j]);
-            lanes[j] += !prune || a * width > threshold ? a : 0.0f;
+            lanes[j] += !prune || a > shrink ? a : 0.0f;
         }
     for (; c < cols; c++) {
         float a = fabsf(w[c]);
-        sum += !prune || a * width > threshold ? a : 0.0f;
+        sum += !prune || a > shrink ? a : 0.0f;
     }
     for (int j = 0; j < 16; j++) sum += lanes[j];
     return (float)sum;
 }
 
-void abs_row_sums(const float *restrict weight, int64_t rows, int64_t cols, float *restrict sums) {
-    for (int64_t r = 0; r < rows; r++) sums[r] = abs_sum(weight + r * cols, cols, 0, 0.0f, 1.0f);
-}
-
-/* `effective` may be NULL: a sharded weight's is not kept. */
+/* `effective` may be NULL: a sharded weight's is not kept. The row is read from memory once: its first sum brings
+   it into the cache for the rest. (Both sums in one loop, two accumulators, measured 2x slower.) */
 void st3_apply(const float *restrict weight, float *restrict effective, uint8_t *restrict mask,
-               float *restrict scale, const float *restrict total, int64_t rows, int64_t cols, float threshold,
-               float width, float shrink, float epsilon, int rescale) {
+               float *restrict scale, int64_t rows, int64_t cols, float shrink, float epsilon, int rescale) {
     for (int64_t r = 0; r < rows; r++) {
         const float *w = weight + r * cols;
         float s = 1.0f;
         if (rescale) {
-            float fraction = (abs_sum(w, cols, 1, threshold, width) + epsilon) / (total[r] + epsilon);
-            s = 1.01f / (fraction + 0.01f);
+            float total = abs_sum(w, cols, 0, shrink), kept = abs_sum(w, cols, 1, shrink);
+            s = 1.01f / ((kept + epsilon) / (total + epsilon) + 0.01f);
             scale[r] = s;
         }
-        for (int64_t c = 0; c < cols; c++) mask[r * cols + c] = fabsf(w[c]) * width > threshold;
+        for (int64_t c = 0; c < cols; c++) mask[r * cols + c] = fabsf(w[c]) > shrink;
         /* softshrink as a select of values computed for every entry: a branch, or arithmetic done only on one side
            of one, keeps the compiler from vectorising the loop where the CPU has no masked stores (AVX2). Exact:
            copysign(|x| - shrink, x) is x - shrink or x + shrink as rounded, and a pruned entry is +0 as in torch. */
@@ -262,11 +270,10 @@ _SIGNATURES = {
     "soft_threshold_backward": (ctypes.c_double, [_POINTER, _POINTER, _FLOAT, _I64]),
     "count_below_and_select": (
         _I64,
-        [_POINTER, _I64, _FLOAT, _FLOAT, ctypes.c_int, _POINTER, _I64, ctypes.POINTER(_I64)],
+        [_POINTER, _I64, _FLOAT, _FLOAT, ctypes.c_int, _POINTER, _I64, ctypes.POINTER(_I64), ctypes.POINTER(_I64)],
     ),
     "select_ranks": (ctypes.c_int, [_POINTER, _I64, _POINTER, ctypes.c_int, _POINTER]),
-    "abs_row_sums": (None, [_POINTER, _I64, _I64, _POINTER]),
-    "st3_apply": (None, [_POINTER, _POINTER, _POINTER, _POINTER, _POINTER, _I64, _I64] + [_FLOAT] * 4 + [ctypes.c_int]),
+    "st3_apply": (None, [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _I64, _FLOAT, _FLOAT, ctypes.c_int]),
 }
 # Tried in turn. `-march=native` for the vector width and byte stores (and AVX-512's compress or AVX2's permutes,
 # where the CPU has them); without it (a compiler that refuses it) the loops are correct, only slower.
@@ -367,27 +374,29 @@ def soft_threshold_backward_(grad: Tensor, weight: Tensor, threshold: Tensor) ->
 
 def count_below_and_select(
     values: Tensor, lo: float, hi: float, expected: int, absolute: bool = False
-) -> tuple[int, Tensor] | None:
-    """How many of the flat `values` (their magnitudes, with `absolute`) are below `lo`, and those in `[lo, hi]` (in
-    their order), in one pass; room is made for `expected` of them (one more pass if there are more). None where
-    the fused loop does not serve.
+) -> tuple[int, Tensor, int] | None:
+    """How many of the flat `values` (their magnitudes, with `absolute`) are below `lo`, those in `[lo, hi]` (in their
+    order), and how many are NaN or infinite (in neither), in one pass; room is made for `expected` of those inside
+    (one more pass if there are more). None where the fused loop does not serve.
 
     Example:
         >>> count_below_and_select(torch.arange(float(MIN_ELEMENTS)), 2.5, 4.0, expected=2)
-        (3, tensor([3., 4.]))
-        >>> count_below_and_select(-torch.arange(float(MIN_ELEMENTS)), 2.5, 4.0, expected=2, absolute=True)
-        (3, tensor([3., 4.]))
+        (3, tensor([3., 4.]), 0)
+        >>> values = -torch.arange(float(MIN_ELEMENTS))
+        >>> values[-1] = float("nan")
+        >>> count_below_and_select(values, 2.5, 4.0, expected=2, absolute=True)
+        (3, tensor([3., 4.]), 1)
     """
     library = _servable(values)
     if library is None:
         return None
-    found = ctypes.c_int64()
+    found, non_finite = ctypes.c_int64(), ctypes.c_int64()
 
     def select(inside: Tensor) -> int:
         return int(
             library.count_below_and_select(
                 values.data_ptr(), values.numel(), lo, hi, absolute, inside.data_ptr(), inside.numel(),
-                ctypes.byref(found),
+                ctypes.byref(found), ctypes.byref(non_finite),
             )
         )  # fmt: skip
 
@@ -396,7 +405,7 @@ def count_below_and_select(
     if found.value + 16 > inside.numel():  # more than expected: once more, with room for all
         inside = torch.empty(found.value + 16, dtype=torch.float32)
         below = select(inside)
-    return below, inside[: found.value]
+    return below, inside[: found.value], non_finite.value
 
 
 def select_ranks(values: Tensor, ranks: Sequence[int]) -> list[float] | None:
@@ -422,46 +431,21 @@ def select_ranks(values: Tensor, ranks: Sequence[int]) -> list[float] | None:
     return [by_rank[rank] for rank in ranks]
 
 
-def abs_row_sums(weight: Tensor) -> Tensor | None:
-    """Each output channel's L1 mass, `|weight|` summed over all but the first dimension (kept, as size 1), in one
-    pass and in the order `st3_apply` sums the kept part in. None where the loop does not serve.
-
-    Example:
-        >>> abs_row_sums(-torch.ones(2, MIN_ELEMENTS)).flatten().tolist()
-        [4096.0, 4096.0]
-    """
-    library = _servable(weight)
-    if library is None:
-        return None
-    rows = weight.shape[0] if weight.dim() else 1
-    sums = torch.empty((rows,) + (1,) * (weight.dim() - 1), dtype=torch.float32)
-    library.abs_row_sums(weight.data_ptr(), rows, weight.numel() // rows, sums.data_ptr())
-    return sums
-
-
 def st3_apply(
-    weight: Tensor,
-    effective: Tensor | None,
-    mask: Tensor,
-    scale: Tensor,
-    total: Tensor | None,
-    threshold: float,
-    width: float,
-    epsilon: float,
+    weight: Tensor, effective: Tensor | None, mask: Tensor, scale: Tensor, shrink: float, rescale: bool, epsilon: float
 ) -> bool:
-    """ST-3's mask (`|w| * width > threshold`), the channel rescale from the kept L1 mass over `total` (if given, from
-    `abs_row_sums`), and the effective weight `softshrink(w, threshold / width) * scale` into `effective` (if given),
-    in one pass over each output channel (the rows of `weight`, channels first). False where the fused loop does
-    not serve: nothing is written.
+    """ST-3's mask (`|w| > shrink`), with `rescale` the channel rescale from the fraction of each channel's L1 mass
+    kept (`epsilon` added to both sums), and the effective weight `softshrink(w, shrink) * scale` into `effective`
+    (if given), in one pass over each output channel (the rows of `weight`, channels first). False where the fused
+    loop does not serve: nothing is written.
     """
-    tensors = [weight, scale] + [t for t in (effective, total) if t is not None]
+    tensors = [weight, scale] + ([effective] if effective is not None else [])
     library = _servable(*tensors)
     if library is None or mask.dtype != torch.bool or not mask.is_contiguous() or weight.dim() == 0:
         return False
     rows = weight.shape[0]
     library.st3_apply(
         weight.data_ptr(), effective.data_ptr() if effective is not None else None, mask.data_ptr(),
-        scale.data_ptr(), total.data_ptr() if total is not None else None, rows, weight.numel() // rows,
-        threshold, width, threshold / width, epsilon, total is not None,
+        scale.data_ptr(), rows, weight.numel() // rows, shrink, epsilon, rescale,
     )  # fmt: skip
     return True

@@ -13,7 +13,9 @@ Small inputs are selected directly. Above 2 x 2^16 elements:
    samples) taken out: in one fused loop on float32 CPU values (`lightning_sparse.kernels`), else with two
    comparisons per element and an index of the blocks holding one. The k-th smallest of all is the
    `(k - below)`-th smallest inside, selected exactly. If the bracket missed (`k` not in
-   `(below, below + inside]`), the selection is over all values.
+   `(below, below + inside]`), the selection is over all values. The same pass counts the NaN and infinite
+   magnitudes, which have no rank: a magnitude selection raises `NonFiniteWeightsError` on them, with no pass
+   of its own (STR's keys, not magnitudes, may be infinite).
 
 Magnitude thresholds take `|w|` as each step reads the weights: above 2 x 2^16 elements only the sample's and
 the bracket's magnitudes are ever materialised (all of them only when the bracket missed). The order statistics
@@ -98,7 +100,11 @@ def count_non_finite(weights: Mapping[str, Tensor]) -> dict[str, tuple[int, int]
 
 
 def global_magnitude_threshold(
-    weights: Sequence[Tensor], sparsity: float, scales: Sequence[float] | None = None, group: Group = None
+    weights: Sequence[Tensor],
+    sparsity: float,
+    scales: Sequence[float] | None = None,
+    group: Group = None,
+    names: Sequence[str] | None = None,
 ) -> float:
     """Return `tau` such that a `sparsity` fraction of all magnitudes `|weights[i]| * scales[i]` is `<= tau`.
 
@@ -106,7 +112,8 @@ def global_magnitude_threshold(
     elements (plus exact ties). Returns 0.0 for zero sparsity. Deterministic, and it does not
     touch the global RNG, so DDP ranks and resumed runs agree. With a process `group`, `weights` are
     this rank's shards and `n` counts every rank's (see the module's docstring). The magnitudes are taken
-    as the weights are read (see the module's docstring for what is materialised).
+    as the weights are read (see the module's docstring for what is materialised). Raises
+    `NonFiniteWeightsError` naming the weights (by `names`, else by position) that hold NaN or inf, on every rank.
 
     Example:
         >>> global_magnitude_threshold([torch.tensor([3.0, -1.0]), torch.tensor([-2.0, 4.0])], 0.5)
@@ -116,7 +123,13 @@ def global_magnitude_threshold(
         raise ValueError(f"sparsity must lie in [0, 1), got {sparsity}")
     scales = list(scales) if scales is not None else [1.0] * len(weights)
     k = round(sparsity * _global_numel(weights, group))
-    return _kth_smallest_bracketed(weights, scales, k, group, absolute=True) if k else 0.0
+    try:
+        if not k:
+            _check_finite(weights, group)
+            return 0.0
+        return _kth_smallest_bracketed(weights, scales, k, group, absolute=True)
+    except _NonFiniteMagnitudes:
+        raise _non_finite_error(weights, names) from None
 
 
 def min_kept_per_layer(sizes: Sequence[int], min_density: float) -> list[int]:
@@ -136,6 +149,7 @@ def floored_magnitude_thresholds(
     min_kept: Sequence[int],
     scales: Sequence[float] | None = None,
     group: Group = None,
+    names: Sequence[str] | None = None,
 ) -> tuple[float, list[float]]:
     """The global threshold `tau` and each layer's threshold, so that pruning `|weight| * scale <= threshold` in
     every layer prunes `round(sparsity * n)` of all `n` elements (up to exact ties) while layer `i` keeps at least
@@ -157,7 +171,9 @@ def floored_magnitude_thresholds(
     With no floors (all zero) it is `global_magnitude_threshold`, at the same cost.
 
     Thresholds are in the units of `|weight| * scale`; a layer that keeps everything gets 0.0. With a process
-    `group`, `weights` are this rank's shards, and sizes, counts and selections are over every rank's.
+    `group`, `weights` are this rank's shards, and sizes, counts and selections are over every rank's. Raises
+    `NonFiniteWeightsError` as `global_magnitude_threshold` does, from the first selection's counts (a NaN is
+    neither below nor inside a bracket), or from a pass of its own if nothing is pruned.
 
     Example:
         >>> small, large = torch.tensor([0.25, 0.5, 0.75]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
@@ -179,6 +195,21 @@ def floored_magnitude_thresholds(
             f"the layers' minimums keep {sum(min_kept):,} elements, more than the {kept:,} of {total:,} that "
             f"sparsity {sparsity} leaves"
         )
+    try:
+        return _floored_thresholds(weights, scales, sizes, kept, min_kept, group)
+    except _NonFiniteMagnitudes:
+        raise _non_finite_error(weights, names) from None
+
+
+def _floored_thresholds(
+    weights: Sequence[Tensor],
+    scales: Sequence[float],
+    sizes: Sequence[int],
+    kept: int,
+    min_kept: Sequence[int],
+    group: Group,
+) -> tuple[float, list[float]]:
+    """`floored_magnitude_thresholds`' fixed point, its arguments checked."""
     floored: dict[int, float] = {}
     while True:
         rest = [i for i in range(len(sizes)) if i not in floored]
@@ -189,6 +220,8 @@ def floored_magnitude_thresholds(
                 [weights[i] for i in rest], [scales[i] for i in rest], prune, group, absolute=True
             )
         else:  # Only through exact ties at a threshold: the others keep everything, or every layer is floored.
+            if not floored:  # no selection has read the weights
+                _check_finite(weights, group)
             tau = max([0.0, *floored.values()]) if not rest else 0.0
         candidates = [i for i in rest if min_kept[i]]
         if not candidates:
@@ -206,6 +239,26 @@ def floored_magnitude_thresholds(
             else:
                 floored[i] = 0.0
     return tau, [floored.get(i, tau) for i in range(len(sizes))]
+
+
+class _NonFiniteMagnitudes(Exception):
+    """A magnitude selection met NaN or inf, on this rank or another: raised on every rank alike."""
+
+
+def _non_finite_error(weights: Sequence[Tensor], names: Sequence[str] | None) -> NonFiniteWeightsError:
+    """The error naming which of `weights` (this rank's shards) hold NaN or inf: for the rare path, a pass each."""
+    labels = list(names) if names is not None else [f"#{i}" for i in range(len(weights))]
+    return NonFiniteWeightsError(count_non_finite(dict(zip(labels, weights, strict=True))))
+
+
+def _check_finite(weights: Sequence[Tensor], group: Group) -> None:
+    """Raise `_NonFiniteMagnitudes` on every rank if any rank's `weights` hold NaN or inf: a pass and one sync, where
+    no selection counted them."""
+    if not weights:
+        return
+    bad = torch.stack([torch.isfinite(w).all().logical_not() for w in weights]).sum().reshape(1)
+    if int(all_sum(bad, group)):
+        raise _NonFiniteMagnitudes
 
 
 def _scaled(magnitude: Tensor, scale: float) -> Tensor:
@@ -242,7 +295,7 @@ def _kth_smallest_bracketed(
     total = _global_numel(values, group)
     stride = total // _SAMPLE_SIZE
     if stride < 2:
-        return _kth_smallest(_magnitudes(values) if absolute else values, scales, k, group)
+        return _kth_smallest(_magnitudes(values) if absolute else values, scales, k, group, finite=absolute)
 
     # Flat views: a boolean index into a 4-D weight builds four index tensors, 2-3x the time of one.
     values = [v.reshape(-1) for v in values]
@@ -258,16 +311,18 @@ def _kth_smallest_bracketed(
     ranks = [rank for rank in (lo_rank, hi_rank) if 1 <= rank <= m]
     bounds = dict(zip(ranks, _select_ranks(sample, ranks), strict=True))
     lo, hi = bounds.get(lo_rank, -math.inf), bounds.get(hi_rank, math.inf)
-    below, inside = 0, []
+    below, inside, non_finite = 0, [], 0
     for v, s in zip(values, scales, strict=True):
         # Room is address space, not memory, until written: room for four times a layer's share of the bracket
         # (it holds more only by chance or by scale) makes a second pass rare.
         room = min(v.numel(), 4 * (hi_rank - lo_rank) * v.numel() // m + 1024)
-        n_below, v_inside = _count_below_and_select(v, lo / s, hi / s, room, absolute)
-        below += n_below
+        n_below, v_inside, v_non_finite = _count_below_and_select(v, lo / s, hi / s, room, absolute)
+        below, non_finite = below + n_below, non_finite + v_non_finite
         inside.append(v_inside)
-    counts = torch.tensor([below, sum(x.numel() for x in inside)], device=values[0].device)
-    n_below, n_inside = all_sum(counts, group).tolist()
+    counts = torch.tensor([below, sum(x.numel() for x in inside), non_finite], device=values[0].device)
+    n_below, n_inside, n_non_finite = all_sum(counts, group).tolist()
+    if n_non_finite:
+        raise _NonFiniteMagnitudes
     if n_below < k <= n_below + n_inside:
         return _kth_smallest(inside, scales, k - n_below, group)
     values = _magnitudes(values) if absolute else values
@@ -287,9 +342,10 @@ def _magnitudes(values: Sequence[Tensor]) -> list[Tensor]:
 
 def _count_below_and_select(
     values: Tensor, lo: float, hi: float, expected: int, absolute: bool = False
-) -> tuple[int, Tensor]:
-    """How many of the flat, contiguous `values` (of their magnitudes, with `absolute`) are below `lo`, and those in
-    `[lo, hi]` (in no particular order), about `expected` of them.
+) -> tuple[int, Tensor, int]:
+    """How many of the flat, contiguous `values` (of their magnitudes, with `absolute`) are below `lo`, those in
+    `[lo, hi]` (in no particular order), about `expected` of them, and, with `absolute` (weights, whose magnitudes
+    must be finite), how many are NaN or inf (else 0: STR's keys can be infinite).
 
     One fused pass on large float32 CPU values (`lightning_sparse.kernels`), which takes the magnitudes as it
     reads. Elsewhere two comparisons per element serve both; a boolean index scans its mask at about 1 ns per
@@ -298,27 +354,37 @@ def _count_below_and_select(
 
     Example:
         >>> _count_below_and_select(torch.arange(10.0), 2.5, 4.0, expected=2)
-        (3, tensor([3., 4.]))
+        (3, tensor([3., 4.]), 0)
     """
     fused = kernels.count_below_and_select(values, lo, hi, expected, absolute)
     if fused is not None:
-        return fused
+        below, selected, non_finite = fused
+        return below, selected, non_finite if absolute else 0
     values = values.abs() if absolute else values
     at_least = values >= lo
-    below = values.numel() - int(torch.count_nonzero(at_least))
+    # One host sync for both counts; |v| < inf is false for NaN and inf alike.
+    counts = [torch.count_nonzero(at_least)] + ([torch.count_nonzero(values < math.inf)] if absolute else [])
+    n_at_least, *n_finite = torch.stack(counts).tolist()
+    below, non_finite = values.numel() - n_at_least, sum(values.numel() - n for n in n_finite)
     inside = at_least.logical_and_(values <= hi)
     whole = values.numel() // 8 * 8
     words = inside[:whole].view(torch.int64).nonzero().squeeze(1)
     candidates = values[:whole].view(-1, 8).index_select(0, words).flatten()
     selected = candidates[inside[:whole].view(-1, 8).index_select(0, words).flatten()]
     if whole == values.numel():
-        return below, selected
-    return below, torch.cat([selected, values[whole:][inside[whole:]]])
+        return below, selected, non_finite
+    return below, torch.cat([selected, values[whole:][inside[whole:]]]), non_finite
 
 
-def _kth_smallest(values: Sequence[Tensor], scales: Sequence[float], k: int, group: Group) -> float:
-    flat = torch.cat([_promoted(v.flatten()) * s for v, s in zip(values, scales, strict=True)])
-    return _select_ranks(all_gather_cat(flat, group), [k])[0]
+def _kth_smallest(
+    values: Sequence[Tensor], scales: Sequence[float], k: int, group: Group, finite: bool = False
+) -> float:
+    """The `k`-th smallest of all `values[i] * scales[i]`, selected directly; with `finite`, raises
+    `_NonFiniteMagnitudes` (on every rank: each checks the same gathered values) if one is NaN or inf."""
+    flat = all_gather_cat(torch.cat([_promoted(v.flatten()) * s for v, s in zip(values, scales, strict=True)]), group)
+    if finite and not bool(torch.isfinite(flat).all()):
+        raise _NonFiniteMagnitudes
+    return _select_ranks(flat, [k])[0]
 
 
 def _select_ranks(values: Tensor, ranks: Sequence[int]) -> list[float]:

@@ -150,9 +150,8 @@ def test_fsdp2_fit_reaches_the_target_and_hardens_to_a_plain_model(fsdp_runs: Pa
     masks = [value for key, value in sparse.items() if key.endswith(".mask")]
     if masks:  # ST-3: exactly round(target x n) pruned over the full weights
         assert sum(int((~mask).sum()) for mask in masks) == round(TARGET * N_WEIGHTS)
-    # ST-3σ's per-layer threshold tau / width can round below the pruned weight at tau itself, which then keeps a
-    # value of order 1e-8 (as on one process: the comparison below is exact).
-    assert round(TARGET * N_WEIGHTS) - (method == "st3sigma") <= zeros <= round(TARGET * N_WEIGHTS)
+    # The hardened zeros are exactly those (ST-3σ's too: its layers shrink at `shrink_for`).
+    assert zeros == round(TARGET * N_WEIGHTS)
     # The sharded parametrizations computed what one process computes from the same full state.
     one_process = harden_state_dict(sparse)
     assert one_process.keys() == hardened.keys()

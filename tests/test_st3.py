@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_sparse import ST3
+from lightning_sparse import ST3, kernels
 from lightning_sparse.layers import parametrize_weights, select_weights, sparsity_parametrizations
-from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, sigma_scale, update_thresholds
+from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, shrink_for, sigma_scale, update_thresholds
 from lightning_sparse.methods.str_method import LearnedSoftThreshold
 from lightning_sparse.schedules import ConstantSchedule, CubicSchedule, LinearSchedule
 from lightning_sparse.thresholds import NonFiniteWeightsError
@@ -96,6 +96,39 @@ def test_st3_sigma_prunes_exactly_the_target_count() -> None:
     assert short == []
 
 
+@pytest.fixture(params=[True, False], ids=["fused", "eager"])
+def loops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """A test twice: with the fused CPU loops, and with the eager forms alone (as with no C compiler)."""
+    if not request.param:
+        monkeypatch.setattr(kernels, "_loaded", {"library": None})
+    return bool(request.param)
+
+
+def test_st3_sigma_effective_weights_are_zero_exactly_where_the_mask_prunes(loops: bool) -> None:
+    # With `tau / width` as a layer's shrink, the weight at the global threshold could round to kept: its mask
+    # pruned it, its effective weight (and the hardened model) kept about 1e-8 of it.
+    kept_by_mask, nonzero = [], []
+    for seed in range(8):
+        generator = torch.Generator().manual_seed(seed)
+        weights = [torch.randn(shape, generator=generator) for shape in [(64, 32, 3, 3), (128, 64), (10, 512)]]
+        layers = [StraightThroughSoftThreshold(w) for w in weights]
+        update_thresholds(layers, weights, sparsity=0.9, sigma=True)
+        kept_by_mask.append([int(p.mask.sum()) for p in layers])
+        nonzero.append([int((p(w) != 0).sum()) for p, w in zip(layers, weights, strict=True)])
+        assert all(torch.equal(p(w) != 0, p.mask) for p, w in zip(layers, weights, strict=True))
+    assert nonzero == kept_by_mask
+    assert all(sum(kept) == round(0.1 * (64 * 32 * 9 + 128 * 64 + 10 * 512)) for kept in kept_by_mask)
+
+
+@pytest.mark.parametrize("width", [1.0, 2.0, math.sqrt(3.0), math.sqrt(1091.0)])
+def test_shrink_for_prunes_what_the_width_normalised_comparison_prunes(width: float) -> None:
+    magnitudes = torch.rand(100_000, generator=torch.Generator().manual_seed(0))
+    for threshold in (magnitudes * width).kthvalue(50_000).values.item(), 0.0, 0.3:
+        shrink = shrink_for(threshold, width)
+        assert torch.equal(magnitudes > shrink, magnitudes * width > threshold)
+        assert shrink == torch.tensor(shrink).item()  # a float32 value, as the layer's buffer holds it
+
+
 def _classifier_at_small_std() -> list[torch.Tensor]:
     """Two He-initialised convs and a classifier initialised at std 0.01, as torchvision's MobileNetV3 does."""
     torch.manual_seed(0)
@@ -167,24 +200,38 @@ def test_st3_keeps_bf16_weights_bf16():
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])  # 0: no global selection, yet masks and rescales are set
+@pytest.mark.parametrize("rows", [1, 10_000], ids=["small", "bracketed"])
 def test_update_thresholds_refuses_non_finite_weights_naming_them_before_any_layer_changes(
-    rescale: bool, bad: float, sparsity: float
+    rescale: bool, bad: float, sparsity: float, rows: int, loops: bool
 ) -> None:
-    weights = [torch.randn(4, 3), torch.randn(2, 5), torch.randn(3, 3)]
+    # Large enough (over 2 x 2^16 weights in all), the selection brackets the threshold, and its counting pass
+    # finds the NaN or inf, where a small one selects over all magnitudes at once.
+    weights = [torch.randn(4 * rows, 3), torch.randn(2, 5), torch.randn(3 * rows, 3)]
     layers = [StraightThroughSoftThreshold(w, rescale=rescale) for w in weights]
     update_thresholds(layers, weights, sparsity=0.3)
     before = [{k: v.clone() for k, v in p.state_dict().items() if isinstance(v, torch.Tensor)} for p in layers]
     weights[1][1, 2] = bad
     weights[2].fill_(bad)
+    size = 9 * rows
     with pytest.raises(
-        NonFiniteWeightsError, match=r"NaN or inf: 'b' \(1 of 10 entries\), 'c' \(9 of 9 entries\)\."
+        NonFiniteWeightsError, match=rf"NaN or inf: 'b' \(1 of 10 entries\), 'c' \({size:,} of {size:,} entries\)\."
     ) as e:
         update_thresholds(layers, weights, sparsity=sparsity, names=["a", "b", "c"])
-    assert e.value.layers == {"b": (1, 10), "c": (9, 9)} and e.value.step is None
+    assert e.value.layers == {"b": (1, 10), "c": (size, size)} and e.value.step is None
     for p, state in zip(layers, before, strict=True):
         assert all(torch.equal(p.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(NonFiniteWeightsError, match=r"'#1' \(1 of 10 entries\)"):
         update_thresholds(layers, weights, sparsity=sparsity)  # unnamed: by position
+
+
+def test_update_thresholds_finds_one_nan_among_many_weights_outside_the_sample(loops: bool) -> None:
+    weights = [torch.randn(512, 512), torch.randn(64, 64)]
+    weights[0].view(-1)[12_345] = float("nan")  # the sample takes every 4th entry: not this one
+    layers = [StraightThroughSoftThreshold(w) for w in weights]
+    with pytest.raises(NonFiniteWeightsError, match=r"'#0' \(1 of 262,144 entries\)\.") as e:
+        update_thresholds(layers, weights, sparsity=0.9)
+    assert set(e.value.layers) == {"#0"}
+    assert all(bool(p.mask.all()) for p in layers)  # no layer changed
 
 
 def test_st3_after_optimizer_step_names_layers_and_step_of_non_finite_weights() -> None:

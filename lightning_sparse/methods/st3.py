@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,19 +33,14 @@ from lightning_sparse.schedules import (
     resolve_ramp,
     to_step,
 )
-from lightning_sparse.sharding import all_sum, full_like, is_sharded, local_shard, shard_group, shard_like
-from lightning_sparse.thresholds import (
-    NonFiniteWeightsError,
-    count_non_finite,
-    floored_magnitude_thresholds,
-    min_kept_per_layer,
-)
+from lightning_sparse.sharding import full_like, is_sharded, local_shard, shard_group, shard_like
+from lightning_sparse.thresholds import NonFiniteWeightsError, floored_magnitude_thresholds, min_kept_per_layer
 
 __all__ = [
     "ST3",
     "StraightThroughSoftThreshold",
-    "channel_l1",
     "channel_totals",
+    "shrink_for",
     "sigma_scale",
     "update_thresholds",
 ]
@@ -156,19 +152,17 @@ class StraightThroughSoftThreshold(SparseParametrization):
         return candidate
 
     @torch.no_grad()
-    def set_threshold(self, weight: Tensor, threshold: float, width: float = 1.0, total: Tensor | None = None) -> None:
-        """Prune `weight` at `threshold / width`, recompute the channel rescale, and leave the new effective weight
-        ready for the next forward.
+    def set_threshold(self, weight: Tensor, threshold: float, width: float = 1.0) -> None:
+        """Prune the entries of `weight` with `|w| * width <= threshold`, recompute the channel rescale, and leave the
+        new effective weight ready for the next forward.
 
-        `width` is ST-3σ's normalisation: the mask compares `|w| * width` with `threshold` exactly as the global
-        selection did (`|w| > threshold / width` rounds differently at the boundary). `total` is each channel's L1
-        mass (`channel_l1(weight)`), if already computed. Sharded, the local shards of the mask and rescale are
-        written.
+        `width` is ST-3σ's normalisation, and `threshold` is in its units, as the global selection compared them.
+        The layer's own threshold is `shrink_for(threshold, width)`, which prunes those same entries, so the mask
+        and the effective weight's zeros agree. Sharded, the local shards of the mask and rescale are written.
         """
         local, mask, scale = local_shard(weight).detach(), local_shard(self.mask), local_shard(self.scale)
-        self.threshold.fill_(threshold / width)
-        if self.rescale and total is None:
-            total = channel_l1(local, self.output_axis)
+        shrink = shrink_for(threshold, width)
+        self.threshold.fill_(shrink)
         # The paper code's 1.01 / (r + 0.01), r the kept fraction of a channel's L1 mass: about 1/r, bounded when a
         # channel is fully pruned; its 1e-6 is added to each L1 *mean* over the channel, so here to each sum times
         # the channel's size.
@@ -183,26 +177,23 @@ class StraightThroughSoftThreshold(SparseParametrization):
         # All of it in one pass per output channel, on a float32 CPU weight with its channels first (or a shard of
         # one: FSDP2 shards the channels, each rank holding whole ones).
         fused = self.output_axis == 0 and kernels.st3_apply(
-            local, effective, mask, scale, total if self.rescale else None, threshold, width, epsilon
+            local, effective, mask, scale, shrink, self.rescale, epsilon
         )
         if not fused:
             magnitude = local.float().abs() if effective is None else torch.abs(local, out=effective)
-            torch.gt(magnitude * width if width != 1.0 else magnitude, threshold, out=mask)
+            torch.gt(magnitude, shrink, out=mask)
             if self.rescale:
-                assert total is not None
+                total = channel_totals(magnitude, self.output_axis)
                 # Zero the pruned magnitudes in place without `mul_(mask)`, which converts the mask to a new float
-                # tensor first (about 25x the time). With no width, `threshold_` is the mask's own comparison.
-                if width == 1.0:
-                    torch.threshold_(magnitude, threshold, 0.0)
-                else:
-                    torch.where(mask, magnitude, magnitude.new_zeros(()), out=magnitude)
+                # tensor first (about 25x the time): `threshold_` is the mask's own comparison.
+                torch.threshold_(magnitude, shrink, 0.0)
                 kept = channel_totals(magnitude, self.output_axis)
                 kept_fraction = (kept + epsilon) / (total + epsilon)
                 torch.div(1.01, kept_fraction + 0.01, out=scale)
             if effective is not None:
                 # What `forward` computes (`soft_threshold`), in memory already there: softshrink is
-                # `sign(w) * relu(|w| - t)` bit for bit (t, a Python float, rounds to the float32 buffer's value).
-                torch.ops.aten.softshrink.out(local, threshold / width, out=effective).mul_(self.scale)
+                # `sign(w) * relu(|w| - t)` bit for bit (t, a Python float, is the float32 buffer's value).
+                torch.ops.aten.softshrink.out(local, shrink, out=effective).mul_(self.scale)
         if effective is not None:
             self._effective.store((weight, self.threshold, self.scale), effective)
 
@@ -237,16 +228,47 @@ def channel_totals(magnitude: Tensor, output_axis: int = 0) -> Tensor:
     return magnitude.sum(tuple(d for d in range(magnitude.dim()) if d != output_axis), keepdim=True)
 
 
-def channel_l1(weight: Tensor, output_axis: int = 0) -> Tensor:
-    """The L1 mass `|w|` of each output channel of `weight`, in float32 and shaped like the channel rescale: one
-    pass over the weight, never a copy of its magnitudes, where the fused loop serves.
+def shrink_for(threshold: float, width: float) -> float:
+    """The float32 threshold `s` on `|w|` that prunes exactly what `|w| * width <= threshold` prunes (in float32, as
+    the global selection and the mask compare): ST-3σ's per-layer shrink, which is `threshold / width` up to its
+    rounding. With `threshold / width` itself, the weight at the global threshold could round to kept, and the
+    effective weight keep an entry of order 1e-8 that the mask prunes.
 
     Example:
-        >>> channel_l1(-torch.ones(2, 3, 4)).flatten().tolist()
-        [12.0, 12.0]
+        >>> width = math.sqrt(3.0)
+        >>> at = torch.tensor(shrink_for(0.5, width))
+        >>> above = torch.nextafter(at, torch.tensor(1.0))
+        >>> bool(at * width <= 0.5), bool(above * width > 0.5)  # float32 products, as the selection computes them
+        (True, True)
     """
-    fused = kernels.abs_row_sums(weight) if output_axis == 0 else None
-    return fused if fused is not None else channel_totals(weight.float().abs(), output_axis)
+    threshold = _float32(threshold)
+    if width == 1.0:
+        return threshold
+    factor = _float32(width)
+
+    def pruned(magnitude: float) -> bool:
+        # A product of two float32 values is exact in a double: rounding it once gives the float32 product.
+        return _float32(magnitude * factor) <= threshold
+
+    shrink = _float32(threshold / factor)
+    while shrink > 0.0 and not pruned(shrink):
+        shrink = _next_float32(shrink, up=False)
+    while pruned(_next_float32(shrink, up=True)):
+        shrink = _next_float32(shrink, up=True)
+    return shrink
+
+
+_FLOAT32, _UINT32 = struct.Struct("<f"), struct.Struct("<I")
+
+
+def _float32(value: float) -> float:
+    return float(_FLOAT32.unpack(_FLOAT32.pack(value))[0])
+
+
+def _next_float32(value: float, up: bool) -> float:
+    """The float32 next to the non-negative float32 `value`, above or below it."""
+    bits = _UINT32.unpack(_FLOAT32.pack(value))[0]
+    return float(_FLOAT32.unpack(_UINT32.pack(bits + (1 if up else -1)))[0])
 
 
 def sigma_scale(weight: Tensor) -> float:
@@ -293,24 +315,14 @@ def update_thresholds(
     """
     group = shard_group(weights)
     shards = [local_shard(w).detach() for w in weights]
-    # Each channel's L1 mass, for the rescale: NaN or inf anywhere in a layer makes its sum non-finite, so the check
-    # costs no pass over the weights of its own, and one host sync in all.
-    totals = [channel_l1(w, layer.output_axis) for layer, w in zip(layers, shards, strict=True)]
-    finite = torch.isfinite(torch.cat([t.flatten() for t in totals])).all() if totals else torch.tensor(True)
-    if int(all_sum((~finite).long().reshape(1), group)):
-        labels = list(names) if names is not None else [f"#{i}" for i in range(len(weights))]
-        # A sum can also overflow to inf; then no entry is non-finite, and nothing is wrong. Sharded, this rank's
-        # shards may be finite and another's not: every rank raises, naming what it holds.
-        non_finite = count_non_finite(dict(zip(labels, shards, strict=True)))
-        if int(all_sum(torch.tensor([len(non_finite)], device=finite.device), group)):
-            raise NonFiniteWeightsError(non_finite)
     scales = [sigma_scale(w) if sigma else 1.0 for w in weights]
     sizes = [w.numel() for w in weights]
     check_min_density(sizes, sparsity, min_density)
     floors = min_kept_per_layer(sizes, min_density)
-    tau, thresholds = floored_magnitude_thresholds(shards, sparsity, floors, scales, group)
-    for layer, weight, threshold, scale, total in zip(layers, weights, thresholds, scales, totals, strict=True):
-        layer.set_threshold(weight, threshold, scale, total=total if layer.rescale else None)
+    # Raises on NaN or inf before returning, from the counts of its own pass over the weights.
+    tau, thresholds = floored_magnitude_thresholds(shards, sparsity, floors, scales, group, names)
+    for layer, weight, threshold, scale in zip(layers, weights, thresholds, scales, strict=True):
+        layer.set_threshold(weight, threshold, scale)
     return tau
 
 
