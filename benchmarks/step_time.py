@@ -501,10 +501,10 @@ Notes:
 - ST-3's forward serves one effective weight per change of the raw weight or of its threshold buffers
   (keyed on `Tensor._version`), with an identity backward, and the threshold update leaves the new
   effective weight ready: the forward costs nothing. Its cost is the update after each optimizer step
-  (the hooks column): one fused pass per layer for the per-channel L1 sums, the sampled bracket, one fused
-  pass per layer that counts the magnitudes below the bracket and copies out those inside it (taking |w| as it
-  reads: no magnitude tensor), the exact selection among those (a fused quickselect), and one fused pass per
-  layer for the mask, kept sums, rescale and new effective weight (`lightning_sparse.kernels`: C loops built
+  (the hooks column): the sampled bracket, one fused pass per layer that counts the magnitudes below the
+  bracket (and the NaN or infinite ones) and copies out those inside it (taking |w| as it reads: no magnitude
+  tensor), the exact selection among those (a fused quickselect), and one fused pass per layer for the
+  channel sums, mask, rescale and new effective weight (`lightning_sparse.kernels`: C loops built
   once per machine, single-threaded: a second thread sharing out the layers measured no faster here, as torch's
   own worker thread spins on the other core for milliseconds after each parallel op). The fused loops are not
   torch ops: the profile table shows only what stays eager.
