@@ -365,7 +365,8 @@ def _count_below_and_select(
     # One host sync for both counts; |v| < inf is false for NaN and inf alike.
     counts = [torch.count_nonzero(at_least)] + ([torch.count_nonzero(values < math.inf)] if absolute else [])
     n_at_least, *n_finite = torch.stack(counts).tolist()
-    below, non_finite = values.numel() - n_at_least, sum(values.numel() - n for n in n_finite)
+    below = values.numel() - n_at_least
+    non_finite = values.numel() - n_finite[0] if n_finite else 0
     inside = at_least.logical_and_(values <= hi)
     whole = values.numel() // 8 * 8
     words = inside[:whole].view(torch.int64).nonzero().squeeze(1)
