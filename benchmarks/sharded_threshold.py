@@ -9,7 +9,8 @@ process the weights are plain tensors (a single-device run). Per run:
 - the bytes each rank receives through collectives in one update (counted by wrapping
   `torch.distributed.all_gather` and `all_reduce` in this script), against the 4 bytes per weight that
   gathering the weights would take;
-- per-rank memory: the bytes of ST-3's state (mask and rescale) each rank stores (its local shards' storage),
+- per-rank memory: the bytes of ST-3's state each rank stores (its buffers' local storage: the rescale's shards and
+  the threshold; the mask is derived from the weight until frozen),
   and the peak resident memory the first update takes above what the rank already holds (VmHWM after a
   reset, minus VmRSS before).
 
@@ -84,7 +85,7 @@ def _run(rank: int, world: int, target: int, repeats: int, port: int, out: str) 
     received = _Received() if world > 1 else None
     weights = _weights(target, rank, world)
     layers = [StraightThroughSoftThreshold(weight) for weight in weights]
-    state = sum(local_shard(b).untyped_storage().nbytes() for layer in layers for b in (layer.mask, layer.scale))
+    state = sum(local_shard(b).untyped_storage().nbytes() for layer in layers for b in layer.buffers())
     reset_peak_rss()
     before = rss_mib("VmRSS")
     update_thresholds(layers, weights, SPARSITY)
@@ -97,7 +98,7 @@ def _run(rank: int, world: int, target: int, repeats: int, port: int, out: str) 
         started = time.perf_counter()
         update_thresholds(layers, weights, SPARSITY)
         times.append(time.perf_counter() - started)
-    pruned = sum(int((~local_shard(layer.mask)).sum()) for layer in layers)
+    pruned = sum(int((~local_shard(layer.keep_mask(w))).sum()) for layer, w in zip(layers, weights, strict=True))
     result = {
         "rank": rank, "update_s": statistics.median(times), "received_bytes": communicated, "state_bytes": state,
         "update_peak_mib": peak, "pruned": pruned, "weights": sum(w.numel() for w in weights),
@@ -160,8 +161,9 @@ def main() -> None:
 plain tensors (1 process) or on `Shard(0)` DTensors split over 2 gloo processes as `fully_shard` leaves them
 (one torch thread per process). Time is the median of {args.repeats} calls, slowest rank; "received" counts
 the bytes a rank receives through collectives in one update (wrapping `all_gather`/`all_reduce`), against the
-4 bytes per weight that gathering the weights would take; the state is the storage of the rank's mask and
-rescale shards; the peak is the first update's resident-memory high-water mark above what the rank held.
+4 bytes per weight that gathering the weights would take; the state is the storage of the rank's ST-3 buffers
+(rescale shards and threshold: the mask is derived from the weight until frozen); the peak is the first update's
+resident-memory high-water mark above what the rank held.
 Every run prunes exactly round(0.9 x n) weights over all ranks.
 
 {table(rows)}

@@ -181,6 +181,7 @@ class StepTimer(pl.Callback):
         self.clock = HookClock()
         self.times: list[float] = []
         self.hook_times: list[float] = []  # the part of each step spent in the variant's mask-updating hooks
+        self.training_peak_mib = 0.0  # VmHWM when training ends, before any callback's end-of-fit work
         self._last: float | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -189,6 +190,9 @@ class StepTimer(pl.Callback):
             self.times.append(now - self._last)
             self.hook_times.append(self.clock.take())
         self._last = now
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.training_peak_mib = rss_mib("VmHWM")
 
     def edges(self) -> tuple[HookEdge, HookEdge]:
         """The callbacks to place just before and just after the variant's own."""
@@ -220,7 +224,8 @@ def run_probe(name: str, steps: int, batch: int, threads: int, epoch_batches: in
     """Body of the subprocess behind `measure_run`: one standalone run of one variant; prints one JSON line.
 
     Times `steps` steps (plus one untimed last step) and records the peak RSS growth over the run: peak
-    (VmHWM, reset after imports and data) minus the RSS before the model existed.
+    (VmHWM, reset after imports and data) minus the RSS before the model existed; and the same up to the end of
+    training, before the callbacks' end-of-fit work (SparsityCallback's report and hardening).
     """
     torch.set_num_threads(threads)
     data_loader(batch, epoch_batches)  # the data, and torch's first allocations, belong to the baseline
@@ -231,7 +236,10 @@ def run_probe(name: str, steps: int, batch: int, threads: int, epoch_batches: in
     with redirect_stdout(io.StringIO()):
         fit_variant(name, steps + 1, batch, epoch_batches, first=[timer, opening], last=[closing])
     peak = rss_mib("VmHWM")
-    result = {"times": timer.times, "hook_times": timer.hook_times, "growth_mib": peak - baseline, "peak_mib": peak}
+    result = {
+        "times": timer.times, "hook_times": timer.hook_times, "growth_mib": peak - baseline, "peak_mib": peak,
+        "training_growth_mib": timer.training_peak_mib - baseline,
+    }  # fmt: skip
     print(json.dumps(result))
 
 
@@ -332,6 +340,7 @@ def summarize(results: dict[str, list[dict[str, Any]]], warmup: int) -> list[dic
     hooks = {name: [t for run in runs for t in run["hook_times"][warmup:]] for name, runs in results.items()}
     per_round = {name: [statistics.median(run["times"][warmup:]) for run in runs] for name, runs in results.items()}
     growth = {name: statistics.median(run["growth_mib"] for run in runs) for name, runs in results.items()}
+    training = {name: statistics.median(run["training_growth_mib"] for run in runs) for name, runs in results.items()}
     dense = statistics.median(steps["dense"])
     rows = []
     for name, values in steps.items():
@@ -349,6 +358,8 @@ def summarize(results: dict[str, list[dict[str, Any]]], warmup: int) -> list[dic
                 "rest_over_dense_s": statistics.median(rest) - dense,
                 "growth_mib": growth[name],
                 "growth_ratio": growth[name] / growth["dense"],
+                "training_growth_mib": training[name],
+                "training_growth_ratio": training[name] / training["dense"],
             }
         )
     return rows
@@ -357,7 +368,7 @@ def summarize(results: dict[str, list[dict[str, Any]]], warmup: int) -> list[dic
 def table(rows: Sequence[dict[str, Any]]) -> str:
     headers = [
         "Variant", "Median step (ms)", "Ratio to dense", "Per-round ratios", "Mask-update hooks (ms)",
-        "Rest of step vs dense (ms)", "RSS growth (MiB)", "Growth ratio",
+        "Rest of step vs dense (ms)", "RSS growth (MiB)", "Growth ratio", "Growth by training's end (MiB, ratio)",
     ]  # fmt: skip
     return markdown_table(
         headers,
@@ -371,6 +382,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                 f"{round(1000 * r['rest_over_dense_s']):+d}",
                 f"{r['growth_mib']:.0f}",
                 f"{r['growth_ratio']:.2f}",
+                f"{r['training_growth_mib']:.0f} ({r['training_growth_ratio']:.2f})",
             ]
             for r in rows
         ],
@@ -412,9 +424,10 @@ def section(tables: dict[str, list[dict[str, Any]]], profile: Sequence[dict[str,
         "median / dense's run of the same round. Mask-update hooks = median time per step in the variant's "
         "`on_train_batch_end` and `on_train_epoch_end`; rest of step vs dense = median (step minus hooks) minus "
         "dense's median. RSS growth = peak RSS (VmHWM, reset after imports and data) minus the RSS before the "
-        "model existed, median over rounds. Target sparsity 90 %; ST-3's cubic schedule spans the whole run "
-        "(every step recomputes its threshold, as it does at its final sparsity after `end`). STR: s_init -5, "
-        "threshold_decay 5e-3.",
+        "model existed, median over rounds; growth by training's end = the same at `on_train_end`, before any "
+        "callback's end-of-fit work (SparsityCallback's report, its plot and hardening). Target sparsity 90 %; "
+        "ST-3's cubic schedule spans the whole run (every step recomputes its threshold, as it does at its final "
+        "sparsity after `end`). STR: s_init -5, threshold_decay 5e-3.",
         "",
     ]
     for key, rows in tables.items():
@@ -504,7 +517,7 @@ Notes:
   (the hooks column): the sampled bracket, one fused pass per layer that counts the magnitudes below the
   bracket (and the NaN or infinite ones) and copies out those inside it (taking |w| as it reads: no magnitude
   tensor), the exact selection among those (a fused quickselect), and one fused pass per layer for the
-  channel sums, mask, rescale and new effective weight (`lightning_sparse.kernels`: C loops built
+  channel sums, rescale and new effective weight (`lightning_sparse.kernels`: C loops built
   once per machine, single-threaded: a second thread sharing out the layers measured no faster here, as torch's
   own worker thread spins on the other core for milliseconds after each parallel op). The fused loops are not
   torch ops: the profile table shows only what stays eager.
@@ -516,8 +529,10 @@ Notes:
 - ModelPruning prunes only at epoch ends (here every `--epoch-batches` steps); between prunes a forward
   pre-hook multiplies `weight_orig` by a float mask. Its memory holds `weight_orig`, the float mask and
   the masked weight for every pruned layer.
-- ST-3 and STR memory: the effective weights (4 bytes per weight, kept between steps) and ST-3's 1-byte
-  mask.
+- ST-3 and STR memory: the effective weights (4 bytes per weight, kept between steps). ST-3's keep mask is
+  derived from the weight and its threshold where it is read, not stored, until frozen. The end of the fit adds
+  SparsityCallback's report (its budget plot, drawn with matplotlib) and hardening: the last column leaves them
+  out.
 - Timings on this 2-core machine are noisy from process to process (the per-round ratios): the
   2-thread runs, which need both cores, suffer most.
 """

@@ -3,7 +3,7 @@ makes several.
 
 Each elementwise op in eager PyTorch is a pass over the weight, and on a CPU the passes a sparse method adds to a
 step cost more than its convolutions notice: STR's backward (kept gradient, sign, dot product), ST-3's selection
-(two comparisons, a count, a boolean index) and its mask, rescale and effective weight. The loops here do each in
+(two comparisons, a count, a boolean index) and its rescale and effective weight. The loops here do each in
 one pass. They are a small C source, compiled once per machine with the system's C compiler (`CC`, else `cc`) into
 the user's cache directory and loaded with `ctypes`: no torch headers and no compiler runtime in the process, so the
 first use costs well under a second and the process no memory.
@@ -242,8 +242,8 @@ static inline float abs_sum(const float *restrict w, int64_t cols, int prune, fl
 
 /* `effective` may be NULL: a sharded weight's is not kept. The row is read from memory once: its first sum brings
    it into the cache for the rest. (Both sums in one loop, two accumulators, measured 2x slower.) */
-void st3_apply(const float *restrict weight, float *restrict effective, uint8_t *restrict mask,
-               float *restrict scale, int64_t rows, int64_t cols, float shrink, float epsilon, int rescale) {
+void st3_apply(const float *restrict weight, float *restrict effective, float *restrict scale, int64_t rows,
+               int64_t cols, float shrink, float epsilon, int rescale) {
     for (int64_t r = 0; r < rows; r++) {
         const float *w = weight + r * cols;
         float s = 1.0f;
@@ -252,7 +252,6 @@ void st3_apply(const float *restrict weight, float *restrict effective, uint8_t 
             s = 1.01f / ((kept + epsilon) / (total + epsilon) + 0.01f);
             scale[r] = s;
         }
-        for (int64_t c = 0; c < cols; c++) mask[r * cols + c] = fabsf(w[c]) > shrink;
         /* softshrink as a select of values computed for every entry: a branch, or arithmetic done only on one side
            of one, keeps the compiler from vectorising the loop where the CPU has no masked stores (AVX2). Exact:
            copysign(|x| - shrink, x) is x - shrink or x + shrink as rounded, and a pruned entry is +0 as in torch. */
@@ -273,7 +272,7 @@ _SIGNATURES = {
         [_POINTER, _I64, _FLOAT, _FLOAT, ctypes.c_int, _POINTER, _I64, ctypes.POINTER(_I64), ctypes.POINTER(_I64)],
     ),
     "select_ranks": (ctypes.c_int, [_POINTER, _I64, _POINTER, ctypes.c_int, _POINTER]),
-    "st3_apply": (None, [_POINTER, _POINTER, _POINTER, _POINTER, _I64, _I64, _FLOAT, _FLOAT, ctypes.c_int]),
+    "st3_apply": (None, [_POINTER, _POINTER, _POINTER, _I64, _I64, _FLOAT, _FLOAT, ctypes.c_int]),
 }
 # Tried in turn. `-march=native` for the vector width and byte stores (and AVX-512's compress or AVX2's permutes,
 # where the CPU has them); without it (a compiler that refuses it) the loops are correct, only slower.
@@ -432,20 +431,20 @@ def select_ranks(values: Tensor, ranks: Sequence[int]) -> list[float] | None:
 
 
 def st3_apply(
-    weight: Tensor, effective: Tensor | None, mask: Tensor, scale: Tensor, shrink: float, rescale: bool, epsilon: float
+    weight: Tensor, effective: Tensor | None, scale: Tensor, shrink: float, rescale: bool, epsilon: float
 ) -> bool:
-    """ST-3's mask (`|w| > shrink`), with `rescale` the channel rescale from the fraction of each channel's L1 mass
-    kept (`epsilon` added to both sums), and the effective weight `softshrink(w, shrink) * scale` into `effective`
-    (if given), in one pass over each output channel (the rows of `weight`, channels first). False where the fused
-    loop does not serve: nothing is written.
+    """ST-3's channel rescale (with `rescale`), from the fraction of each channel's L1 mass that `|w| > shrink` keeps
+    (`epsilon` added to both sums), and the effective weight `softshrink(w, shrink) * scale` into `effective` (if
+    given), in one pass over each output channel (the rows of `weight`, channels first). False where the fused loop
+    does not serve: nothing is written.
     """
     tensors = [weight, scale] + ([effective] if effective is not None else [])
     library = _servable(*tensors)
-    if library is None or mask.dtype != torch.bool or not mask.is_contiguous() or weight.dim() == 0:
+    if library is None or weight.dim() == 0:
         return False
     rows = weight.shape[0]
     library.st3_apply(
-        weight.data_ptr(), effective.data_ptr() if effective is not None else None, mask.data_ptr(),
-        scale.data_ptr(), rows, weight.numel() // rows, shrink, epsilon, rescale,
+        weight.data_ptr(), effective.data_ptr() if effective is not None else None, scale.data_ptr(), rows,
+        weight.numel() // rows, shrink, epsilon, rescale,
     )  # fmt: skip
     return True

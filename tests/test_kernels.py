@@ -170,7 +170,7 @@ def test_fused_st3_update_sets_the_eager_mask_rescale_and_effective_weight(
             st3.set_threshold(weight, 0.0, width)
             unpruned.append(st3.scale.clone())
             st3.set_threshold(weight, threshold, width)
-            results.append((st3.mask.clone(), st3.scale.clone(), st3(weight).detach()))
+            results.append((st3.keep_mask(weight), st3.scale.clone(), st3(weight).detach()))
     # A channel with nothing pruned keeps all of its sum, in either form: its rescale is the same for all.
     assert torch.equal(unpruned[0], unpruned[1]) and unpruned[0].unique().numel() == 1
     (mask, scale, effective), (eager_mask, eager_scale, eager_effective) = results

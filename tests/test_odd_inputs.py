@@ -293,11 +293,11 @@ def test_load_hardened_takes_a_weights_only_checkpoint(tmp_path: Path) -> None:
     assert torch.equal(loaded.fc.weight, model.fc.weight)
 
 
-def test_harden_state_dict_refuses_a_group_missing_a_mask(tmp_path: Path) -> None:
+def test_harden_state_dict_refuses_a_group_missing_an_entry(tmp_path: Path) -> None:
     model, _ = _sparse_checkpoint(tmp_path)
     state = model.state_dict()
-    del state["fc.parametrizations.weight.0.mask"]
-    with pytest.raises(ValueError, match=r"'fc'.*fc\.parametrizations\.weight\.0\.mask"):
+    del state["fc.parametrizations.weight.0.scale"]
+    with pytest.raises(ValueError, match=r"'fc'.*fc\.parametrizations\.weight\.0\.scale"):
         harden_state_dict(state)
 
 

@@ -57,7 +57,9 @@ def _selections(weights: list[torch.Tensor], tricky: list[torch.Tensor]) -> dict
     results["floored"] = floored_magnitude_thresholds(magnitudes, 0.95, [0, 100, 5, 0], group=group)
     st3 = [StraightThroughSoftThreshold(w) for w in weights]
     results["st3_tau"] = update_thresholds(st3, weights, 0.9, sigma=True, min_density=0.01)
-    results["st3_state"] = [(_full(p.mask), _full(p.scale), p.threshold.clone()) for p in st3]
+    results["st3_state"] = [
+        (_full(p.keep_mask(w)), _full(p.scale), p.threshold.clone()) for p, w in zip(st3, weights, strict=True)
+    ]
     str_ = [LearnedSoftThreshold(s_init=s) for s in (-3.0, -4.0, -2.0, -3.5)]
     results["str_delta"] = calibrate_thresholds(str_, weights, 0.8)
     results["str_s"] = [p.s.detach().clone() for p in str_]

@@ -30,7 +30,7 @@ def test_st3_threshold_mask_and_rescale():
     weight, st3 = _st3_layer()
     # |w| sorted: 0.05 0.1 0.2 0.3 0.5 0.8; half of six pruned -> tau is the third, 0.2.
     assert update_thresholds([st3], [weight], sparsity=0.5) == pytest.approx(0.2)
-    assert st3.mask.tolist() == [[True, False, False], [True, False, True]]
+    assert st3.keep_mask(weight).tolist() == [[True, False, False], [True, False, True]]
     # Kept L1 fractions 0.5 / 0.75 and 1.1 / 1.2, rescaled by 1.01 / (r + 0.01).
     expected_scale = torch.tensor([[1.01 / (0.5 / 0.75 + 0.01)], [1.01 / (1.1 / 1.2 + 0.01)]])
     torch.testing.assert_close(st3.scale, expected_scale)
@@ -38,7 +38,7 @@ def test_st3_threshold_mask_and_rescale():
     effective = st3(weight)
     soft = torch.tensor([[0.3, 0.0, 0.0], [-0.6, 0.0, 0.1]])
     torch.testing.assert_close(effective, soft * expected_scale)
-    assert (effective[st3.mask.logical_not()] == 0).all()
+    assert (effective[st3.keep_mask(weight).logical_not()] == 0).all()
 
 
 def test_st3_gradient_is_straight_through_to_every_weight():
@@ -65,7 +65,7 @@ def test_st3_frozen_trains_only_surviving_weights():
         st3.freeze(weight)
     torch.testing.assert_close(weight.detach(), before)  # effective weights baked into the raw ones
     st3(weight).sum().backward()
-    assert weight.grad.tolist() == st3.mask.float().tolist()
+    assert st3.mask is not None and weight.grad.tolist() == st3.mask.float().tolist()
     assert st3.state_dict()["_extra_state"] == {"frozen": True}
 
 
@@ -75,12 +75,12 @@ def test_st3_sigma_normalises_magnitudes_by_layer_width():
     layers = [StraightThroughSoftThreshold(wide, rescale=False), StraightThroughSoftThreshold(narrow, rescale=False)]
     # Plain ST-3 prunes the small weights of both layers alike...
     update_thresholds(layers, [wide, narrow], sparsity=0.5)
-    assert layers[1].mask.sum().item() == 4
+    assert layers[1].keep_mask(narrow).sum().item() == 4
     # ...while ST-3σ compares |w| * sqrt(sum(shape)): the wide layer's 0.1 * sqrt(128) beats 0.2 * sqrt(4).
     tau = update_thresholds(layers, [wide, narrow], sparsity=3 / 4100, sigma=True)
     assert sigma_scale(wide) == math.sqrt(128)
     assert layers[1].threshold.item() == pytest.approx(tau / 2)
-    assert layers[1].mask.sum().item() == 1 and layers[0].mask.all()
+    assert layers[1].keep_mask(narrow).sum().item() == 1 and layers[0].keep_mask(wide).all()
 
 
 def test_st3_sigma_prunes_exactly_the_target_count() -> None:
@@ -90,7 +90,7 @@ def test_st3_sigma_prunes_exactly_the_target_count() -> None:
         weights = [torch.randn(4, 1, 3), torch.randn(3, 24)]
         layers = [StraightThroughSoftThreshold(w) for w in weights]
         update_thresholds(layers, weights, sparsity=0.5, sigma=True)
-        zeros = sum(int((~p.mask).sum()) for p in layers)
+        zeros = sum(int((~p.keep_mask(w)).sum()) for p, w in zip(layers, weights, strict=True))
         if zeros != round(0.5 * (12 + 72)):
             short.append((seed, zeros))
     assert short == []
@@ -113,9 +113,9 @@ def test_st3_sigma_effective_weights_are_zero_exactly_where_the_mask_prunes(loop
         weights = [torch.randn(shape, generator=generator) for shape in [(64, 32, 3, 3), (128, 64), (10, 512)]]
         layers = [StraightThroughSoftThreshold(w) for w in weights]
         update_thresholds(layers, weights, sparsity=0.9, sigma=True)
-        kept_by_mask.append([int(p.mask.sum()) for p in layers])
+        kept_by_mask.append([int(p.keep_mask(w).sum()) for p, w in zip(layers, weights, strict=True)])
         nonzero.append([int((p(w) != 0).sum()) for p, w in zip(layers, weights, strict=True)])
-        assert all(torch.equal(p(w) != 0, p.mask) for p, w in zip(layers, weights, strict=True))
+        assert all(torch.equal(p(w) != 0, p.keep_mask(w)) for p, w in zip(layers, weights, strict=True))
     assert nonzero == kept_by_mask
     assert all(sum(kept) == round(0.1 * (64 * 32 * 9 + 128 * 64 + 10 * 512)) for kept in kept_by_mask)
 
@@ -141,13 +141,13 @@ def test_st3_min_density_keeps_each_layer_its_minimum_at_the_exact_global_count(
     layers = [StraightThroughSoftThreshold(w) for w in weights]
     n = sum(w.numel() for w in weights)
     update_thresholds(layers, weights, sparsity=0.9, sigma=sigma)
-    assert int(layers[2].mask.sum()) == 0  # one global threshold empties the classifier
+    assert int(layers[2].keep_mask(weights[2]).sum()) == 0  # one global threshold empties the classifier
 
     tau = update_thresholds(layers, weights, sparsity=0.9, sigma=sigma, min_density=0.02)
-    kept = [int(p.mask.sum()) for p in layers]
+    kept = [int(p.keep_mask(w).sum()) for p, w in zip(layers, weights, strict=True)]
     assert sum(kept) == n - round(0.9 * n)
     assert kept[2] == math.ceil(0.02 * 5120)  # held at its minimum: its largest 103 weights
-    assert bool(layers[2].mask.flatten()[weights[2].abs().flatten().topk(103).indices].all())
+    assert bool(layers[2].keep_mask(weights[2]).flatten()[weights[2].abs().flatten().topk(103).indices].all())
     assert all(k >= math.ceil(0.02 * w.numel()) for k, w in zip(kept, weights, strict=True))
     # The classifier is soft-thresholded at its own, lower threshold, the convs at the global one.
     scales = [sigma_scale(w) if sigma else 1.0 for w in weights]
@@ -231,7 +231,7 @@ def test_update_thresholds_finds_one_nan_among_many_weights_outside_the_sample(l
     with pytest.raises(NonFiniteWeightsError, match=r"'#0' \(1 of 262,144 entries\)\.") as e:
         update_thresholds(layers, weights, sparsity=0.9)
     assert set(e.value.layers) == {"#0"}
-    assert all(bool(p.mask.all()) for p in layers)  # no layer changed
+    assert all(p.threshold.item() == 0.0 and bool((p.scale == 1.0).all()) for p in layers)  # no layer changed
 
 
 def test_st3_after_optimizer_step_names_layers_and_step_of_non_finite_weights() -> None:
@@ -249,14 +249,22 @@ def test_st3_rescale_of_a_1d_weight_is_per_entry_and_keeps_its_shape() -> None:
     weight = torch.tensor([0.5, -0.1, 0.3, 0.05])
     st3 = StraightThroughSoftThreshold(weight)
     update_thresholds([st3], [weight], sparsity=0.5)
-    assert st3.scale.shape == (4,) and st3.mask.tolist() == [True, False, True, False]
+    assert st3.scale.shape == (4,) and st3.keep_mask(weight).tolist() == [True, False, True, False]
     torch.testing.assert_close(st3(weight), torch.tensor([0.4, 0.0, 0.2, 0.0]))  # t = 0.1; kept entries: scale 1
     assert StraightThroughSoftThreshold.from_state_dict(weight, st3.state_dict()) is not None
 
 
 def test_st3_from_state_dict_names_missing_entries_of_a_damaged_state() -> None:
     weight = torch.randn(3, 2)
-    state = StraightThroughSoftThreshold(weight).state_dict()
+    st3 = StraightThroughSoftThreshold(weight)
+    state = st3.state_dict()
+    del state["scale"]
+    with pytest.raises(KeyError) as raised:
+        StraightThroughSoftThreshold.from_state_dict(weight, state)
+    assert raised.value.args == ("scale",)
+    # A frozen layer's mask is state (an unfrozen one's is derived from the weight): a frozen state needs it.
+    st3.freeze(weight)
+    state = st3.state_dict()
     del state["mask"], state["scale"]
     with pytest.raises(KeyError) as raised:
         StraightThroughSoftThreshold.from_state_dict(weight, state)
@@ -383,6 +391,35 @@ def _sparse_layers(method: ST3) -> tuple[nn.Module, dict]:
     return net, sparsity_parametrizations(net)
 
 
+def test_st3_state_dict_saves_the_derived_mask_and_loads_frozen_and_unfrozen_states() -> None:
+    method = ST3(0.5, start=0, end=2).for_run(total_steps=10)
+    net, layers = _sparse_layers(method)
+    method.after_optimizer_step(2, layers)
+    fc = layers["2"].parametrization
+    raw = net[2].parametrizations.weight.original
+    # Not stored while training, yet saved with the weight: a checkpoint has the layout 0.1.0's had.
+    assert fc.mask is None and "mask" not in fc.state_dict()
+    state = net.state_dict()
+    assert torch.equal(state["2.parametrizations.weight.0.mask"], fc.keep_mask(raw))
+    fresh, fresh_layers = _sparse_layers(method)
+    fresh.load_state_dict(state)  # strict: the saved mask of an unfrozen layer is derived again, not kept
+    assert fresh_layers["2"].parametrization.mask is None
+    assert torch.equal(fresh[2].weight, net[2].weight)
+
+    for w in layers.values():
+        w.parametrization.freeze(w.raw)
+    frozen_mask = fc.keep_mask(raw)
+    with torch.no_grad():
+        raw.add_(1.0)  # weights move after freezing: the mask must come from the state, not from them
+    fresh.load_state_dict(net.state_dict())
+    loaded = fresh_layers["2"].parametrization
+    assert loaded.frozen and loaded.mask is not None and torch.equal(loaded.mask, frozen_mask)
+    assert torch.equal(fresh[2].weight, net[2].weight)
+    del state["2.parametrizations.weight.0.mask"]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*2\.parametrizations\.weight\.0\.mask"):
+        fresh.load_state_dict(state | {"2.parametrizations.weight.0._extra_state": {"frozen": True}})
+
+
 @pytest.mark.parametrize("sigma", [False, True])
 def test_after_optimizer_step_follows_the_schedule_and_freezes(sigma: bool) -> None:
     method = ST3(0.5, start=0, end=2, freeze_at=3, sigma=sigma).for_run(total_steps=10)
@@ -401,7 +438,8 @@ def test_after_optimizer_step_follows_the_schedule_and_freezes(sigma: bool) -> N
         conv = layers["0"].parametrization
         scale = sigma_scale(net[0].parametrizations.weight.original) if sigma else 1.0
         assert metrics["sparsity/threshold"] == pytest.approx(conv.threshold.item() * scale)
-    masks = [p.mask.clone() for p in parametrizations]
+    masks = [p.mask for p in parametrizations]
+    assert all(mask is not None for mask in masks)
     with torch.no_grad():
         net[2].parametrizations.weight.original.mul_(-3.0).add_(0.5)  # weights move: frozen masks do not
     method.after_optimizer_step(4, layers)

@@ -148,8 +148,8 @@ def test_nan_weights_count_as_non_zeros_not_as_pruned(frozen_st3: bool) -> None:
     if frozen_st3:
         st3 = StraightThroughSoftThreshold(layer.weight, rescale=False)
         update_thresholds([st3], [layer.weight.nan_to_num(0.0)], sparsity=0.5)
+        st3.mask = st3.keep_mask(layer.weight.detach())  # frozen with it
         parametrize.register_parametrization(layer, "weight", st3)
-        st3.frozen = True
     else:
         parametrize.register_parametrization(layer, "weight", LearnedSoftThreshold(s_init=math.log(0.1 / 0.9)))
     (stats,) = sparse_stats(layer, {"": 16})

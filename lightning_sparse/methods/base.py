@@ -27,6 +27,7 @@ __all__ = [
     "SparsityMethod",
     "distinct_weights",
     "kept_gradient",
+    "magnitude_above",
     "parametrizations_of",
     "soft_threshold",
     "tensor_owners",
@@ -52,6 +53,18 @@ def soft_threshold(weight: Tensor, threshold: Tensor, out: Tensor | None = None)
         return cast(Tensor, torch.ops.aten.softshrink.out(weight, number, out=out))
     # Two passes instead of four; a 0-dim threshold does not promote a bf16 weight.
     return torch.sub(weight, weight.clamp(-threshold, threshold), out=out)
+
+
+def magnitude_above(weight: Tensor, threshold: Tensor) -> Tensor:
+    """`|w| > t` for a 0-dim `threshold` `t`, compared in the weight's dtype: a keep mask. Two comparisons of the
+    weight itself rather than one of a copy of its magnitudes, whose size (4 bytes per float32 weight, to the mask's
+    1) would add to the peak memory of a step that reads the masks.
+
+    Example:
+        >>> magnitude_above(torch.tensor([0.5, -0.05, -0.3, float("nan")]), torch.tensor(0.1))
+        tensor([ True, False,  True, False])
+    """
+    return torch.gt(weight, threshold).logical_or_(torch.lt(weight, -threshold))
 
 
 def kept_gradient(grad: Tensor, weight: Tensor, threshold: Tensor) -> Tensor:

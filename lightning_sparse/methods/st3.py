@@ -23,6 +23,7 @@ from lightning_sparse.methods.base import (
     SparseParametrization,
     SparsityMethod,
     distinct_weights,
+    magnitude_above,
     soft_threshold,
 )
 from lightning_sparse.schedules import (
@@ -78,11 +79,13 @@ class _StraightThrough(torch.autograd.Function):
 class StraightThroughSoftThreshold(SparseParametrization):
     """ST-3's reparameterization of one weight: `sign(w) * relu(|w| - t) * c`, straight-through.
 
-    `t` (the layer's threshold), the keep mask and the per-output-channel rescale `c` are buffers
-    set by `update_thresholds` after each optimizer step. Once frozen, the forward is `w * mask`
-    with the true gradient, so only surviving weights train. `output_axis` is where the output
-    channels run: 0 for torch's layers, 1 for a `ConvTranspose` or a Hugging Face `Conv1D`. On a weight
-    sharded by FSDP2 (a `DTensor`), the mask and rescale are sharded like it (`lightning_sparse.sharding`).
+    `t` (the layer's threshold) and the per-output-channel rescale `c` are buffers set by
+    `update_thresholds` after each optimizer step; the keep mask is `|w| > t`, derived, not stored (a byte per
+    weight less to hold), though saved with the weight in a state dict as `mask`. Once frozen, the mask is
+    stored and the forward is `w * mask` with the true gradient, so only surviving weights train.
+    `output_axis` is where the output channels run: 0 for torch's layers, 1 for a `ConvTranspose` or a Hugging
+    Face `Conv1D`. On a weight sharded by FSDP2 (a `DTensor`), the mask and rescale are sharded like it
+    (`lightning_sparse.sharding`).
 
     Example:
         >>> from torch.nn.utils import parametrize
@@ -95,26 +98,30 @@ class StraightThroughSoftThreshold(SparseParametrization):
     """
 
     threshold: Tensor
-    mask: Tensor
+    mask: Tensor | None
     scale: Tensor
 
     def __init__(self, weight: Tensor, rescale: bool = True, output_axis: int = 0) -> None:
         super().__init__()
         self.rescale = rescale
         self.output_axis = output_axis
-        self.frozen = False
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=weight.device))
+        self.register_buffer("mask", None)  # stored once frozen
         local = local_shard(weight)
-        self.register_buffer("mask", shard_like(torch.ones_like(local, dtype=torch.bool), weight, weight.shape))
         scale_shape, local_shape = [1] * weight.dim(), [1] * weight.dim()
         scale_shape[output_axis], local_shape[output_axis] = weight.shape[output_axis], local.shape[output_axis]
         scale = torch.ones(local_shape, dtype=torch.float32, device=local.device)
         self.register_buffer("scale", shard_like(scale, weight, scale_shape))
         self._effective = EffectiveWeightCache()
 
+    @property
+    def frozen(self) -> bool:
+        """Whether the mask is fixed (`freeze`): then it is stored, and only surviving weights train."""
+        return self.mask is not None
+
     @override
     def forward(self, weight: Tensor) -> Tensor:
-        if self.frozen:
+        if self.mask is not None:
             return weight * full_like(self.mask, weight)
         # Sharded, the forward gets the gathered weight, which FSDP2 frees after it: a cached effective weight
         # would keep a full copy of it alive on every rank.
@@ -129,20 +136,31 @@ class StraightThroughSoftThreshold(SparseParametrization):
 
     @override
     def keep_mask(self, weight: Tensor) -> Tensor:
-        """Which entries of `weight` survive (the mask of the last update)."""
-        return self.mask
+        """Which entries of `weight` survive: `|w| > t` (compared in float32, as the update does), or the frozen mask.
+
+        After an update and until the next optimizer step, that is exactly where the effective weight is non-zero.
+        """
+        if self.mask is not None:
+            return self.mask
+        local = local_shard(weight).detach()
+        return shard_like(magnitude_above(local.float(), self.threshold), weight, weight.shape)
 
     @classmethod
     @override
     def from_state_dict(cls, original: Tensor, state: Mapping[str, Any]) -> Self | None:
         """ST-3's parametrization saved as `state`; None if `state` is not ST-3's. Raises a `KeyError` naming the
         missing entries if `state` holds two or more of ST-3's entries and nothing else, but not all: that is a
-        damaged ST-3 state, not another parametrization's (one entry alone, e.g. a `mask`, could be)."""
+        damaged ST-3 state, not another parametrization's (one entry alone, e.g. a `mask`, could be). The `mask` is
+        an entry of a frozen layer's state, and optional in an unfrozen one's, which derives it."""
         scale = state.get("scale")
         # The saved rescale is shaped along the output axis: the one dimension it does not broadcast over.
         axis = next((i for i, n in enumerate(scale.shape) if n != 1), 0) if isinstance(scale, Tensor) else 0
         candidate = cls(original, output_axis=axis)
         expected, given = set(candidate.state_dict()), set(state)
+        if _frozen_in(state.get("_extra_state")):
+            expected.add("mask")
+        else:
+            given.discard("mask")
         if given != expected:
             if given < expected and len(given) >= 2:
                 raise KeyError(*sorted(expected - given))
@@ -158,9 +176,9 @@ class StraightThroughSoftThreshold(SparseParametrization):
 
         `width` is ST-3σ's normalisation, and `threshold` is in its units, as the global selection compared them.
         The layer's own threshold is `shrink_for(threshold, width)`, which prunes those same entries, so the mask
-        and the effective weight's zeros agree. Sharded, the local shards of the mask and rescale are written.
+        and the effective weight's zeros agree. Sharded, the local shard of the rescale is written.
         """
-        local, mask, scale = local_shard(weight).detach(), local_shard(self.mask), local_shard(self.scale)
+        local, scale = local_shard(weight).detach(), local_shard(self.scale)
         shrink = shrink_for(threshold, width)
         self.threshold.fill_(shrink)
         # The paper code's 1.01 / (r + 0.01), r the kept fraction of a channel's L1 mass: about 1/r, bounded when a
@@ -176,16 +194,12 @@ class StraightThroughSoftThreshold(SparseParametrization):
             effective = self._effective.workspace(weight)
         # All of it in one pass per output channel, on a float32 CPU weight with its channels first (or a shard of
         # one: FSDP2 shards the channels, each rank holding whole ones).
-        fused = self.output_axis == 0 and kernels.st3_apply(
-            local, effective, mask, scale, shrink, self.rescale, epsilon
-        )
+        fused = self.output_axis == 0 and kernels.st3_apply(local, effective, scale, shrink, self.rescale, epsilon)
         if not fused:
-            magnitude = local.float().abs() if effective is None else torch.abs(local, out=effective)
-            torch.gt(magnitude, shrink, out=mask)
             if self.rescale:
+                magnitude = local.float().abs() if effective is None else torch.abs(local, out=effective)
                 total = channel_totals(magnitude, self.output_axis)
-                # Zero the pruned magnitudes in place without `mul_(mask)`, which converts the mask to a new float
-                # tensor first (about 25x the time): `threshold_` is the mask's own comparison.
+                # Zero the pruned magnitudes in place: `threshold_` is the keep mask's own comparison.
                 torch.threshold_(magnitude, shrink, 0.0)
                 kept = channel_totals(magnitude, self.output_axis)
                 kept_fraction = (kept + epsilon) / (total + epsilon)
@@ -200,8 +214,9 @@ class StraightThroughSoftThreshold(SparseParametrization):
     @torch.no_grad()
     def freeze(self, weight: Tensor) -> None:
         """Bake the current effective weight into `weight` and fix the mask from now on."""
+        mask = self.keep_mask(weight)
         weight.copy_(self(weight))
-        self.frozen = True
+        self.mask = mask
 
     @override
     def get_extra_state(self) -> dict[str, bool]:
@@ -209,7 +224,45 @@ class StraightThroughSoftThreshold(SparseParametrization):
 
     @override
     def set_extra_state(self, state: dict[str, bool]) -> None:
-        self.frozen = state["frozen"]
+        pass  # the frozen flag is whether a mask is stored, which `_load_from_state_dict` settled by it
+
+    @override
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Saved with the weight, an unfrozen layer's derived mask too, so checkpoints keep one layout: loaders that
+        # build the expected entries from the model as it is (distributed checkpoints) then restore a frozen one.
+        # The weight is its `ParametrizationList`'s `original`, which that list saved before its parametrizations:
+        # under the prefix without this module's own last component (`"0."` of `"fc.parametrizations.weight.0."`).
+        original = destination.get(prefix[: prefix.rstrip(".").rfind(".") + 1] + "original")
+        if self.mask is None and isinstance(original, Tensor):
+            destination[prefix + "mask"] = self.keep_mask(original)
+
+    @override
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:  # fmt: skip
+        key = prefix + "mask"
+        if not _frozen_in(state_dict.get(prefix + "_extra_state")):
+            state_dict.pop(key, None)  # derived from the weight
+            self.mask = None
+        elif key not in state_dict:
+            missing_keys.append(key)
+        elif self.mask is None:
+            # Room to load the saved mask into (or to be assigned over, with `assign`): sharded like it, or a plain
+            # tensor on this module's device, as loading a buffer keeps it.
+            saved = state_dict[key]
+            self.mask = (
+                torch.empty_like(saved) if is_sharded(saved) else torch.empty_like(saved, device=self.threshold.device)
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )  # fmt: skip
+
+
+def _frozen_in(extra_state: Any) -> bool:
+    """Whether an ST-3 parametrization's saved extra state is a frozen layer's."""
+    return isinstance(extra_state, Mapping) and bool(extra_state.get("frozen"))
 
 
 def channel_totals(magnitude: Tensor, output_axis: int = 0) -> Tensor:
@@ -310,7 +363,7 @@ def update_thresholds(
         >>> st3 = StraightThroughSoftThreshold(w, rescale=False)
         >>> update_thresholds([st3], [w], sparsity=0.3)
         3.0
-        >>> st3.mask.sum().item()
+        >>> st3.keep_mask(w).sum().item()
         7
     """
     group = shard_group(weights)

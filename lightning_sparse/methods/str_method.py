@@ -56,6 +56,7 @@ from lightning_sparse.methods.base import (
     SparseParametrization,
     SparsityMethod,
     kept_gradient,
+    magnitude_above,
     soft_threshold,
     tensor_owners,
 )
@@ -214,7 +215,7 @@ class LearnedSoftThreshold(SparseParametrization):
     @override
     def keep_mask(self, weight: Tensor) -> Tensor:
         """Which entries of `weight` survive the threshold."""
-        return weight.detach().abs() > self.threshold().detach()
+        return magnitude_above(weight.detach(), self.threshold().detach())
 
     @classmethod
     @override
