@@ -153,7 +153,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                 f"{1e9 * r['update_s'] / r['weights']:.1f}",
                 f"{r['update_peak_mib']:.0f}",
                 f"{r['update_peak_mib'] * 2**20 / r['weights']:.1f}",
-                f"{r['state_mib']:.0f}",
+                f"{r['state_mib']:.1f}",
                 f"{1000 * r['sgd_step_s']:.0f}",
                 f"{r['update_s'] / r['sgd_step_s']:.2f}",
                 f"{r['step_estimate_s']:.1f}",
@@ -174,11 +174,12 @@ def section(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             "",
             machine_line(meta["machine_before"], meta["machine_after"]),
             "",
-            f"One `update_thresholds` at {SPARSITY:.0%} sparsity (global quantile, masks, channel rescale) over "
-            "ResNet-50's conv and fc shapes with channel widths scaled to each size; median of "
+            f"One `update_thresholds` at {SPARSITY:.0%} sparsity (global quantile, channel rescale, effective "
+            "weights) over ResNet-50's conv and fc shapes with channel widths scaled to each size; median of "
             f"{meta['repeats']} calls, {meta['threads']} torch threads, one fresh process per size. Peak memory: "
-            "what the first update took above the weights and ST-3's buffers (mask, 1 byte per weight, and "
-            "per-channel scales: the 'ST-3 state' column). SGD step: momentum + weight decay over the same "
+            "what the first update took above the weights and ST-3's buffers (per-channel scales and thresholds: "
+            "the 'ST-3 state' column; the keep mask is derived from the weights, not stored). SGD step: momentum + "
+            "weight decay over the same "
             "weights, part of every training step, so a lower bound for one. Estimated step: torchvision ResNet-50 "
             f"(forward, backward, SGD at batch {STEP_BATCH}, 224x224) measured at {meta['resnet50_step_s']:.1f} s, "
             "scaled by the number of weights (width scaling grows MACs and weights alike); real batches are "
