@@ -217,7 +217,8 @@ def sparse_stats(module: nn.Module, dense: Mapping[str, int]) -> list[LayerStats
             weights[name] = _dense_weight(layer, tensor_name)
             counts.append(torch.count_nonzero(local_shard(weights[name])))  # a NaN is not a zero
         else:
-            # Reading the parametrized tensor would compute the effective weight; the keep mask is one comparison.
+            # Reading the parametrized tensor would compute the effective weight; the keep mask is two comparisons of
+            # the raw weight.
             weights[name] = parametrizations_of(layer, tensor_name).original.detach()
             counts.append(local_shard(parametrization.keep_mask(weights[name])).sum())
         # Non-finite if any entry is: a reduction, no copy of the weight.

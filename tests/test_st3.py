@@ -415,6 +415,9 @@ def test_st3_state_dict_saves_the_derived_mask_and_loads_frozen_and_unfrozen_sta
     loaded = fresh_layers["2"].parametrization
     assert loaded.frozen and loaded.mask is not None and torch.equal(loaded.mask, frozen_mask)
     assert torch.equal(fresh[2].weight, net[2].weight)
+    # A partial state, without the frozen flag, leaves a frozen layer frozen with its mask.
+    fresh.load_state_dict({"2.parametrizations.weight.original": torch.ones_like(raw)}, strict=False)
+    assert loaded.frozen and loaded.mask is not None and torch.equal(loaded.mask, frozen_mask)
     del state["2.parametrizations.weight.0.mask"]
     with pytest.raises(RuntimeError, match=r"Missing key\(s\).*2\.parametrizations\.weight\.0\.mask"):
         fresh.load_state_dict(state | {"2.parametrizations.weight.0._extra_state": {"frozen": True}})

@@ -78,7 +78,7 @@ def kept_gradient(grad: Tensor, weight: Tensor, threshold: Tensor) -> Tensor:
     number = _threshold_number(weight, threshold)
     if number is not None:
         return cast(Tensor, torch.ops.aten.softshrink_backward(grad, weight, number))
-    return torch.where(weight.abs() > threshold, grad, 0.0)
+    return torch.where(magnitude_above(weight, threshold), grad, 0.0)
 
 
 def _threshold_number(weight: Tensor, threshold: Tensor) -> float | None:

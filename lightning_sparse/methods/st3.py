@@ -242,12 +242,13 @@ class StraightThroughSoftThreshold(SparseParametrization):
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
         missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
     ) -> None:  # fmt: skip
-        key = prefix + "mask"
-        if not _frozen_in(state_dict.get(prefix + "_extra_state")):
+        key, extra_key = prefix + "mask", prefix + "_extra_state"
+        # A state without the frozen flag (a partial load) leaves the layer as frozen as it is.
+        if not (_frozen_in(state_dict[extra_key]) if extra_key in state_dict else self.frozen):
             state_dict.pop(key, None)  # derived from the weight
             self.mask = None
-        elif key not in state_dict:
-            missing_keys.append(key)
+        elif self.mask is None and key not in state_dict:
+            missing_keys.append(key)  # which `super()` would not report: it expects only the buffers there are
         elif self.mask is None:
             # Room to load the saved mask into (or to be assigned over, with `assign`): sharded like it, or a plain
             # tensor on this module's device, as loading a buffer keeps it.
