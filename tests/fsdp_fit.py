@@ -41,6 +41,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "st3": {"method": "st3", "target_sparsity": TARGET, "start": 0, "end": 6},
     "st3sigma": {"method": "st3sigma", "target_sparsity": TARGET, "start": 0, "end": 6},
     "st3-freeze": {"method": "st3", "target_sparsity": TARGET, "start": 0, "end": 6, "freeze_at": 10},
+    # Frozen before the checkpoint after the first epoch: the resume restores sharded frozen masks.
+    "st3-frozen-resume": {"method": "st3", "target_sparsity": TARGET, "start": 0, "end": 2, "freeze_at": 3},
     "str": {"method": "str", "target_sparsity": TARGET, "start": 0, "end": 6, "s_init": -5.0},
 }
 
