@@ -5,8 +5,10 @@ Each elementwise op in eager PyTorch is a pass over the weight, and on a CPU the
 step cost more than its convolutions notice: STR's backward (kept gradient, sign, dot product), ST-3's selection
 (two comparisons, a count, a boolean index) and its rescale and effective weight. The loops here do each in
 one pass. They are a small C source, compiled once per machine with the system's C compiler (`CC`, else `cc`) into
-the user's cache directory and loaded with `ctypes`: no torch headers and no compiler runtime in the process, so the
-first use costs well under a second and the process no memory.
+the user's cache directory and loaded with `ctypes`: no torch headers, so the first use costs well under a second and
+the process no memory. Large tensors are split among torch's threads (`torch.get_num_threads()`), on torch's own
+OpenMP runtime where it has GNU's (its Linux builds), and on one thread elsewhere; a thread count never changes a bit
+of a result: sums run in blocks sized by the tensor alone.
 
 Each function serves contiguous float32 CPU tensors of at least `MIN_ELEMENTS` entries that autograd does not
 track, outside `torch.compile`, and returns None (or False) anywhere else: the caller then runs its eager form,
@@ -46,13 +48,17 @@ MIN_ELEMENTS = 1 << 12
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-/* In place: `grad` keeps its entries where |w| > g and is zeroed elsewhere. Returns the sum of the kept entries
-   times sign(w). */
-double soft_threshold_backward(float *restrict grad, const float *restrict weight, float g, int64_t n) {
+/* Ranges of at least this many entries are split among threads: a parallel region costs microseconds. */
+#define PARALLEL_MIN ((int64_t)1 << 18)
+#define MAX_PARTS 64
+
+/* The kept gradient in place and its sum times sign(w): see `soft_threshold_backward`. */
+static double kept_sum(float *restrict grad, const float *restrict weight, float g, int64_t n) {
     float lanes[16] = {0};
     double total = 0.0;
     int64_t i = 0;
@@ -71,6 +77,25 @@ double soft_threshold_backward(float *restrict grad, const float *restrict weigh
     return total;
 }
 
+/* In place: `grad` keeps its entries where |w| > g and is zeroed elsewhere. Returns the sum of the kept entries
+   times sign(w), summed per block and then in block order: blocks sized by `n` alone, so that the sum is the same
+   bits whatever the number of threads. */
+double soft_threshold_backward(float *restrict grad, const float *restrict weight, float g, int64_t n,
+                               int threads) {
+    double partial[1024];
+    int64_t blocks = (n + 65535) / 65536;
+    if (blocks > 1024) blocks = 1024;
+    int64_t size = (n / blocks + 16) / 16 * 16;
+#pragma omp parallel for num_threads(threads) if (n >= PARALLEL_MIN) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t begin = b * size < n ? b * size : n, end = begin + size < n ? begin + size : n;
+        partial[b] = kept_sum(grad + begin, weight + begin, g, end - begin);
+    }
+    double total = 0.0;
+    for (int64_t b = 0; b < blocks; b++) total += partial[b];
+    return total;
+}
+
 #if defined(__AVX2__) && !defined(__AVX512F__)
 /* For each 8-bit mask, the lanes it sets, first to last: filled when the library is loaded, before any thread can
    read it. */
@@ -86,8 +111,8 @@ __attribute__((constructor)) static void fill_pack(void) {
    entry is stored and the end advanced by whether it is inside. Stores stop 16 short of `capacity`; the count does
    not: all were stored iff the count + 16 <= capacity. Also counts the NaN and infinite entries, which fall in
    neither: the caller needs no pass of its own to refuse them. */
-int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, float hi, int absolute,
-                               float *restrict inside, int64_t capacity, int64_t *n_inside, int64_t *n_non_finite) {
+static int64_t count_range(const float *restrict v, int64_t n, float lo, float hi, int absolute,
+                           float *restrict inside, int64_t capacity, int64_t *n_inside, int64_t *n_non_finite) {
     int64_t below = 0, m = 0, bad = 0, i = 0;
 #ifdef __AVX512F__
     /* Compress packs a block's entries inside to the front of a register, which is stored whole. */
@@ -169,6 +194,35 @@ int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, flo
     return below;
 }
 
+/* `count_range` over `threads` parts of `v` at once, each storing into its own share of `inside` (capacity / parts),
+   packed in their order after. `*needed` is the capacity that stores all of them: at most `capacity` iff all were. */
+int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, float hi, int absolute,
+                               float *restrict inside, int64_t capacity, int threads, int64_t *n_inside,
+                               int64_t *n_non_finite, int64_t *needed) {
+    int parts = n < 2 * PARALLEL_MIN ? 1 : threads < MAX_PARTS ? threads : MAX_PARTS;
+    int64_t room = capacity / parts, size = (n / parts + 16) / 16 * 16;
+    int64_t below[MAX_PARTS], found[MAX_PARTS], bad[MAX_PARTS];
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+    for (int p = 0; p < parts; p++) {
+        int64_t begin = p * size < n ? p * size : n, end = begin + size < n ? begin + size : n;
+        below[p] = count_range(v + begin, end - begin, lo, hi, absolute, inside + p * room, room, &found[p], &bad[p]);
+    }
+    int64_t total_below = 0, total_bad = 0, m = 0, most = 0;
+    for (int p = 0; p < parts; p++) {
+        total_below += below[p], total_bad += bad[p];
+        most = found[p] > most ? found[p] : most;
+    }
+    *needed = parts * (most + 16);
+    for (int p = 0; p < parts; p++) {
+        /* Leftwards within `inside`, each part's start at or before its share's */
+        if (*needed <= capacity) memmove(inside + m, inside + p * room, (size_t)found[p] * sizeof(float));
+        m += found[p];
+    }
+    *n_inside = m;
+    *n_non_finite = total_bad;
+    return total_below;
+}
+
 /* Moves the entries of v[left..right] below `pivot` (or equal to it, with `or_equal`) to its front and returns where
    the others start: a swap per entry and no branch, which a comparison on random data mispredicts half the time. */
 static int64_t partition(float *restrict v, int64_t left, int64_t right, float pivot, int or_equal) {
@@ -241,9 +295,11 @@ static inline float abs_sum(const float *restrict w, int64_t cols, int prune, fl
 }
 
 /* `effective` may be NULL: a sharded weight's is not kept. The row is read from memory once: its first sum brings
-   it into the cache for the rest. (Both sums in one loop, two accumulators, measured 2x slower.) */
+   it into the cache for the rest. (Both sums in one loop, two accumulators, measured 2x slower.) Rows are
+   independent: threads split them without changing a bit. */
 void st3_apply(const float *restrict weight, float *restrict effective, float *restrict scale, int64_t rows,
-               int64_t cols, float shrink, float epsilon, int rescale) {
+               int64_t cols, float shrink, float epsilon, int rescale, int threads) {
+#pragma omp parallel for num_threads(threads) if (rows * cols >= PARALLEL_MIN) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float *w = weight + r * cols;
         float s = 1.0f;
@@ -266,13 +322,13 @@ void st3_apply(const float *restrict weight, float *restrict effective, float *r
 
 _POINTER, _I64, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "soft_threshold_backward": (ctypes.c_double, [_POINTER, _POINTER, _FLOAT, _I64]),
+    "soft_threshold_backward": (ctypes.c_double, [_POINTER, _POINTER, _FLOAT, _I64, ctypes.c_int]),
     "count_below_and_select": (
         _I64,
-        [_POINTER, _I64, _FLOAT, _FLOAT, ctypes.c_int, _POINTER, _I64, ctypes.POINTER(_I64), ctypes.POINTER(_I64)],
+        [_POINTER, _I64, _FLOAT, _FLOAT, ctypes.c_int, _POINTER, _I64, ctypes.c_int, *[ctypes.POINTER(_I64)] * 3],
     ),
     "select_ranks": (ctypes.c_int, [_POINTER, _I64, _POINTER, ctypes.c_int, _POINTER]),
-    "st3_apply": (None, [_POINTER, _POINTER, _POINTER, _I64, _I64, _FLOAT, _FLOAT, ctypes.c_int]),
+    "st3_apply": (None, [_POINTER, _POINTER, _POINTER, _I64, _I64, _FLOAT, _FLOAT, ctypes.c_int, ctypes.c_int]),
 }
 # Tried in turn. `-march=native` for the vector width and byte stores (and AVX-512's compress or AVX2's permutes,
 # where the CPU has them); without it (a compiler that refuses it) the loops are correct, only slower.
@@ -308,7 +364,7 @@ def _build() -> ctypes.CDLL:
     cache.mkdir(parents=True, exist_ok=True)
     # Keyed by the CPU, as a home directory can be shared by machines with different CPUs.
     errors = []
-    for flags in _FLAG_SETS:
+    for flags in _flag_sets():
         key = hashlib.sha256("\n".join([_SOURCE, compiler, *flags, _cpu()]).encode()).hexdigest()[:16]
         library = cache / f"kernels-{key}.so"
         if not library.exists():
@@ -328,6 +384,17 @@ def _build() -> ctypes.CDLL:
             function.restype, function.argtypes = result, arguments
         return loaded
     raise OSError(f"`{compiler}` failed to compile them: {errors[-1]}")
+
+
+def _flag_sets() -> list[tuple[str, ...]]:
+    """`_FLAG_SETS`, each first with `-fopenmp` where the process already holds GNU OpenMP (torch's own, in its Linux
+    builds): the loops then split large tensors among torch's threads (`torch.get_num_threads()`), the team its own
+    ops run on. Elsewhere, linking one would bring a second runtime beside torch's: the loops run on one thread."""
+    try:
+        ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD)
+    except (OSError, AttributeError):  # not loaded, or no `RTLD_NOLOAD` (Windows)
+        return list(_FLAG_SETS)
+    return [(*flags, "-fopenmp") for flags in _FLAG_SETS] + list(_FLAG_SETS)
 
 
 def _cpu() -> str:
@@ -367,7 +434,9 @@ def soft_threshold_backward_(grad: Tensor, weight: Tensor, threshold: Tensor) ->
     library = _servable(grad, weight, threshold)
     if library is None or grad.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
         return None
-    total = library.soft_threshold_backward(grad.data_ptr(), weight.data_ptr(), threshold.item(), grad.numel())
+    total = library.soft_threshold_backward(
+        grad.data_ptr(), weight.data_ptr(), threshold.item(), grad.numel(), torch.get_num_threads()
+    )
     return torch.tensor(-total, dtype=torch.float32)
 
 
@@ -389,20 +458,22 @@ def count_below_and_select(
     library = _servable(values)
     if library is None:
         return None
-    found, non_finite = ctypes.c_int64(), ctypes.c_int64()
+    found, non_finite, needed = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
+    threads = torch.get_num_threads()
 
     def select(inside: Tensor) -> int:
         return int(
             library.count_below_and_select(
-                values.data_ptr(), values.numel(), lo, hi, absolute, inside.data_ptr(), inside.numel(),
-                ctypes.byref(found), ctypes.byref(non_finite),
+                values.data_ptr(), values.numel(), lo, hi, absolute, inside.data_ptr(), inside.numel(), threads,
+                ctypes.byref(found), ctypes.byref(non_finite), ctypes.byref(needed),
             )
         )  # fmt: skip
 
-    inside = torch.empty(expected + 16, dtype=torch.float32)
+    # Each thread stores into its own share of the room.
+    inside = torch.empty(expected + 16 * threads, dtype=torch.float32)
     below = select(inside)
-    if found.value + 16 > inside.numel():  # more than expected: once more, with room for all
-        inside = torch.empty(found.value + 16, dtype=torch.float32)
+    if needed.value > inside.numel():  # more than expected, or in one thread's part: once more, with room for all
+        inside = torch.empty(needed.value, dtype=torch.float32)
         below = select(inside)
     return below, inside[: found.value], non_finite.value
 
@@ -445,6 +516,6 @@ def st3_apply(
     rows = weight.shape[0]
     library.st3_apply(
         weight.data_ptr(), effective.data_ptr() if effective is not None else None, scale.data_ptr(), rows,
-        weight.numel() // rows, shrink, epsilon, rescale,
+        weight.numel() // rows, shrink, epsilon, rescale, torch.get_num_threads(),
     )  # fmt: skip
     return True

@@ -181,6 +181,41 @@ def test_fused_st3_update_sets_the_eager_mask_rescale_and_effective_weight(
         assert torch.equal(effective.view(torch.int32), eager_effective.view(torch.int32))
 
 
+HUGE = (1 << 20) + 5  # split among threads (from 2 * 2**18 entries)
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's number of threads for the test, then restores it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_loops_split_among_threads_give_the_same_bits_as_one_thread(threads) -> None:
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(1024, HUGE // 1024, generator=generator)
+    grad = torch.randn_like(weight)
+    # Every entry inside the bracket lies in the last part: that part alone overflows its share of the room.
+    values = torch.rand(HUGE, generator=generator)
+    values[-1000:] = 0.5
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        kept, effective, scale = grad.clone(), torch.empty_like(weight), torch.ones(1024, 1)
+        d_threshold = kernels.soft_threshold_backward_(kept, weight, torch.tensor(0.7))
+        assert kernels.st3_apply(weight, effective, scale, 0.7, rescale=True, epsilon=1e-6)
+        selected = kernels.count_below_and_select(values, 0.5, 0.5, expected=10)
+        assert d_threshold is not None and selected is not None
+        results.append((kept, d_threshold, effective, scale, *selected[:2]))
+    for split in results[1:]:
+        for one, many in zip(results[0], split, strict=True):
+            assert torch.equal(torch.as_tensor(one), torch.as_tensor(many))
+    below, inside = results[1][4:]
+    assert below == int((values < 0.5).sum()) and inside.numel() == int((values == 0.5).sum()) >= 1000
+    torch.testing.assert_close(results[0][1], -(grad * weight.sign())[weight.abs() > 0.7].sum(), rtol=1e-5, atol=0)
+
+
 # ------------------------------------------------------------------ in a Trainer
 
 
