@@ -382,7 +382,7 @@ def _kth_smallest(
 ) -> float:
     """The `k`-th smallest of all `values[i] * scales[i]`, selected directly; with `finite`, raises
     `_NonFiniteMagnitudes` (on every rank: each checks the same gathered values) if one is NaN or inf."""
-    flat = all_gather_cat(torch.cat([_promoted(v.flatten()) * s for v, s in zip(values, scales, strict=True)]), group)
+    flat = all_gather_cat(torch.cat([_scaled(v.flatten(), s) for v, s in zip(values, scales, strict=True)]), group)
     if finite and not bool(torch.isfinite(flat).all()):
         raise _NonFiniteMagnitudes
     return _select_ranks(flat, [k])[0]
