@@ -518,9 +518,9 @@ Notes:
   bracket (and the NaN or infinite ones) and copies out those inside it (taking |w| as it reads: no magnitude
   tensor), the exact selection among those (a fused quickselect), and one fused pass per layer for the
   channel sums, rescale and new effective weight (`lightning_sparse.kernels`: C loops built
-  once per machine, single-threaded: a second thread sharing out the layers measured no faster here, as torch's
-  own worker thread spins on the other core for milliseconds after each parallel op). The fused loops are not
-  torch ops: the profile table shows only what stays eager.
+  once per machine, which split large weights among torch's threads on torch's own OpenMP team: threads of
+  their own measured no faster, as torch's workers spin on the other core after each of its parallel ops). The
+  fused loops are not torch ops: the profile table shows only what stays eager.
 - STR's forward also serves one effective weight per change of the raw weight or of `s` (once per
   optimizer step), computed by torch's softshrink kernel (one pass) into the memory of the last one. Its
   backward is one fused pass that writes the kept gradient over the incoming one (where nothing else
