@@ -57,6 +57,9 @@ _SOURCE = r"""
 #define PARALLEL_MIN ((int64_t)1 << 18)
 #define MAX_PARTS 64
 
+/* Where a part ends or begins: the last part can be short, or empty. */
+static inline int64_t at_most(int64_t x, int64_t n) { return x < n ? x : n; }
+
 /* The kept gradient in place and its sum times sign(w): see `soft_threshold_backward`. */
 static double kept_sum(float *restrict grad, const float *restrict weight, float g, int64_t n) {
     float lanes[16] = {0};
@@ -88,8 +91,8 @@ double soft_threshold_backward(float *restrict grad, const float *restrict weigh
     int64_t size = (n / blocks + 16) / 16 * 16;
 #pragma omp parallel for num_threads(threads) if (n >= PARALLEL_MIN) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t begin = b * size < n ? b * size : n, end = begin + size < n ? begin + size : n;
-        partial[b] = kept_sum(grad + begin, weight + begin, g, end - begin);
+        int64_t begin = at_most(b * size, n);
+        partial[b] = kept_sum(grad + begin, weight + begin, g, at_most(begin + size, n) - begin);
     }
     double total = 0.0;
     for (int64_t b = 0; b < blocks; b++) total += partial[b];
@@ -206,7 +209,7 @@ int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, flo
     int64_t below[MAX_PARTS], found[MAX_PARTS], bad[MAX_PARTS];
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
     for (int p = 0; p < parts; p++) {
-        int64_t begin = p * size < n ? p * size : n, end = begin + size < n ? begin + size : n;
+        int64_t begin = at_most(p * size, n), end = at_most(begin + size, n);
         below[p] = count_range(v + begin, end - begin, lo, hi, absolute, inside + p * room, room, &found[p], &bad[p]);
     }
     int64_t total_below = 0, total_bad = 0, m = 0, most = 0;
