@@ -204,7 +204,7 @@ static int64_t count_range(const float *restrict v, int64_t n, float lo, float h
 int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, float hi, int absolute,
                                float *restrict inside, int64_t capacity, int threads, int64_t *n_inside,
                                int64_t *n_non_finite, int64_t *needed) {
-    int parts = n < 2 * PARALLEL_MIN ? 1 : threads < MAX_PARTS ? threads : MAX_PARTS;
+    int parts = n < PARALLEL_MIN ? 1 : threads < MAX_PARTS ? threads : MAX_PARTS;
     int64_t room = capacity / parts, size = (n / parts + 16) / 16 * 16;
     int64_t below[MAX_PARTS], found[MAX_PARTS], bad[MAX_PARTS];
 #pragma omp parallel for num_threads(parts) schedule(static, 1)

@@ -181,7 +181,7 @@ def test_fused_st3_update_sets_the_eager_mask_rescale_and_effective_weight(
         assert torch.equal(effective.view(torch.int32), eager_effective.view(torch.int32))
 
 
-HUGE = (1 << 20) + 5  # split among threads (from 2 * 2**18 entries)
+HUGE = (1 << 20) + 5  # split among threads (from 2**18 entries)
 
 
 @pytest.fixture
