@@ -36,7 +36,8 @@ SECTIONS = (
     "threshold_scaling",
     "sharded_threshold",
     "min_density",
-    "gpu",
+    "step_time_gpu",
+    "host_overhead",
 )
 _HEADER = """# lightning-sparse benchmarks
 
@@ -44,11 +45,6 @@ Produced by the scripts in `benchmarks/`; each script regenerates its own sectio
 `<!-- name -->` markers) and writes the raw figures to `benchmarks/results/<name>.json` and `.md`.
 FLOPs are multiply-accumulates per sample of conv and linear layers (the papers' convention, see
 `lightning_sparse.stats`).
-"""
-_GPU_SECTION = """## GPU step time
-
-Not measured yet: no GPU was available to these runs. `benchmarks/step_time.py` trains on CUDA when
-present (the same script and command); GPU figures remain to be measured on a machine with one.
 """
 
 
@@ -172,6 +168,18 @@ def machine_line(before: dict[str, Any], after: dict[str, Any]) -> str:
     )
 
 
+def section_head(title: str, meta: dict[str, Any]) -> list[str]:
+    """The first lines of a RESULTS.md section: its title, the command that produced it and the machine it ran on."""
+    return [
+        f"## {title}",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        machine_line(meta["machine_before"], meta["machine_after"]),
+        "",
+    ]
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub Markdown table; numbers are expected already formatted as strings."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -207,7 +215,6 @@ def _read_sections() -> dict[str, str]:
     """The current sections of RESULTS.md (placeholders for those not produced yet)."""
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else ""
     parts = {key: f"## {key}\n\nNot produced yet." for key in SECTIONS}
-    parts["gpu"] = _GPU_SECTION.rstrip()
     for key in SECTIONS:
         found = re.search(rf"<!-- {key} -->\n(.*?)\n<!-- /{key} -->", text, re.DOTALL)
         if found:

@@ -31,7 +31,7 @@ import torch
 import torchvision
 from torch import nn
 
-from common import command_line, machine, machine_line, markdown_table, publish, reset_peak_rss, rss_mib
+from common import command_line, machine, markdown_table, publish, reset_peak_rss, rss_mib, section_head
 from lightning_sparse.layers import select_weights, stored_tensor
 from lightning_sparse.methods.st3 import StraightThroughSoftThreshold, update_thresholds
 
@@ -168,12 +168,7 @@ def section(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     fit = meta["fit"]
     return "\n".join(
         [
-            "## ST-3 threshold update vs model size",
-            "",
-            f"Command: `{meta['command']}`",
-            "",
-            machine_line(meta["machine_before"], meta["machine_after"]),
-            "",
+            *section_head("ST-3 threshold update vs model size", meta),
             f"One `update_thresholds` at {SPARSITY:.0%} sparsity (global quantile, channel rescale, effective "
             "weights) over ResNet-50's conv and fc shapes with channel widths scaled to each size; median of "
             f"{meta['repeats']} calls, {meta['threads']} torch threads, one fresh process per size. Peak memory: "

@@ -37,6 +37,7 @@ __all__ = [
     "MIN_ELEMENTS",
     "count_below_and_select",
     "select_ranks",
+    "serves",
     "soft_threshold_backward_",
     "st3_apply",
 ]
@@ -422,6 +423,17 @@ def _servable(*tensors: Tensor) -> ctypes.CDLL | None:
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         return None
     return _library()
+
+
+def serves(values: Tensor) -> bool:
+    """Whether the loops here take `values`: large, contiguous float32 on CPU, neither tracked by autograd nor traced
+    by `torch.compile`, and the library built.
+
+    Example:
+        >>> serves(torch.zeros(MIN_ELEMENTS)) == (_library() is not None), serves(torch.zeros(8))
+        (True, False)
+    """
+    return _servable(values) is not None
 
 
 def soft_threshold_backward_(grad: Tensor, weight: Tensor, threshold: Tensor) -> Tensor | None:

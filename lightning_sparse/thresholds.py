@@ -11,7 +11,8 @@ Small inputs are selected directly. Above 2 x 2^16 elements:
    `lo <= hi` that hold the k-th smallest value of all with near certainty.
 3. **Count and select.** Those below `lo` are counted and those inside `[lo, hi]` (about 1 % of them at 2^16
    samples) taken out: in one fused loop on float32 CPU values (`lightning_sparse.kernels`), else with two
-   comparisons per element and an index of the blocks holding one. The k-th smallest of all is the
+   comparisons per element and an index of the blocks holding one, over layers concatenated in groups (on a GPU,
+   each such pass waits for the device: once per group, not once per layer). The k-th smallest of all is the
    `(k - below)`-th smallest inside, selected exactly. If the bracket missed (`k` not in
    `(below, below + inside]`), the selection is over all values. The same pass counts the NaN and infinite
    magnitudes, which have no rank: a magnitude selection raises `NonFiniteWeightsError` on them, with no pass
@@ -19,7 +20,8 @@ Small inputs are selected directly. Above 2 x 2^16 elements:
 
 Magnitude thresholds take `|w|` as each step reads the weights: above 2 x 2^16 elements only the sample's and
 the bracket's magnitudes are ever materialised (all of them only when the bracket missed). The order statistics
-of steps 2 and 3 come from a fused quickselect where it serves, else `kthvalue`: the same value either way.
+of steps 2 and 3 come from a fused quickselect where it serves, else `kthvalue` (a sort on a GPU): the same value
+either way.
 
 Sharded (FSDP2: each rank holds a shard of every weight, `group` is their process group), the same three
 steps run on each rank's shards with collectives in between, and no rank ever gathers the weights:
@@ -38,7 +40,8 @@ RNG) and bit-identical on every rank, and on one process the same value as a pla
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -59,6 +62,9 @@ __all__ = [
 # the bracket are selected exactly: a few cheap passes instead of a full selection, which costs
 # ~0.4 s on 11 M CPU floats (and `torch.quantile` refuses more than 2^24 elements at all).
 _SAMPLE_SIZE = 1 << 16
+# The most elements the eager counting pass reads at once, from layers concatenated (`_counting_passes`): 128 MiB
+# of float32, beside the passes' own temporaries.
+_GROUP_SIZE = 1 << 25
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -311,20 +317,21 @@ def _kth_smallest_bracketed(
     ranks = [rank for rank in (lo_rank, hi_rank) if 1 <= rank <= m]
     bounds = dict(zip(ranks, _select_ranks(sample, ranks), strict=True))
     lo, hi = bounds.get(lo_rank, -math.inf), bounds.get(hi_rank, math.inf)
-    below, inside, non_finite = 0, [], 0
-    for v, s in zip(values, scales, strict=True):
+    below, inside, inside_scales, non_finite = 0, [], [], 0
+    for v, s in _counting_passes(values, scales):
         # Room is address space, not memory, until written: room for four times a layer's share of the bracket
         # (it holds more only by chance or by scale) makes a second pass rare.
         room = min(v.numel(), 4 * (hi_rank - lo_rank) * v.numel() // m + 1024)
         n_below, v_inside, v_non_finite = _count_below_and_select(v, lo / s, hi / s, room, absolute)
         below, non_finite = below + n_below, non_finite + v_non_finite
         inside.append(v_inside)
+        inside_scales.append(s)
     counts = torch.tensor([below, sum(x.numel() for x in inside), non_finite], device=values[0].device)
     n_below, n_inside, n_non_finite = all_sum(counts, group).tolist()
     if n_non_finite:
         raise _NonFiniteMagnitudes
     if n_below < k <= n_below + n_inside:
-        return _kth_smallest(inside, scales, k - n_below, group)
+        return _kth_smallest(inside, inside_scales, k - n_below, group)
     values = _magnitudes(values) if absolute else values
     if group is None:
         return _kth_smallest(values, scales, k, group)
@@ -334,6 +341,32 @@ def _kth_smallest_bracketed(
         return _kth_smallest_bracketed([v[v < lo / s] for v, s in zip(values, scales, strict=True)], scales, k, group)
     above = [v[v > hi / s] for v, s in zip(values, scales, strict=True)]
     return _kth_smallest_bracketed(above, scales, k - n_below - n_inside, group)
+
+
+def _counting_passes(values: Sequence[Tensor], scales: Sequence[float]) -> Iterator[tuple[Tensor, float]]:
+    """What the bracket's counting passes read, each with the scale its values still need: every layer a fused loop
+    serves, as it is; the others scaled and concatenated, in groups of up to `_GROUP_SIZE` elements (scale 1).
+
+    An eager pass waits for the device twice (for its counts, then for the size of its selection): on a GPU, a wait
+    per layer would stall it fifty times in a ResNet-50's update, where a group of layers stalls it once.
+    """
+    pending: list[Tensor] = []
+    size = 0
+    for v, s in zip(values, scales, strict=True):
+        if kernels.serves(v):
+            yield v, s
+            continue
+        if pending and size + v.numel() > _GROUP_SIZE:
+            yield _joined(pending), 1.0
+            pending, size = [], 0
+        pending.append(_scaled(v, s))
+        size += v.numel()
+    if pending:
+        yield _joined(pending), 1.0
+
+
+def _joined(values: list[Tensor]) -> Tensor:
+    return values[0] if len(values) == 1 else torch.cat(values)
 
 
 def _magnitudes(values: Sequence[Tensor]) -> list[Tensor]:
@@ -393,7 +426,12 @@ def _select_ranks(values: Tensor, ranks: Sequence[int]) -> list[float]:
     fused = kernels.select_ranks(values, ranks)
     if fused is not None:
         return fused
-    return [values.kthvalue(rank).values.item() for rank in ranks]
+    if values.device.type == "cpu":
+        return [values.kthvalue(rank).values.item() for rank in ranks]
+    # A GPU's `kthvalue` selects each row on one thread block, so a flat tensor's on one: sorting is many times faster,
+    # and one read-back serves every rank.
+    ordered = torch.sort(values).values
+    return cast(list[float], ordered[torch.tensor(ranks, device=values.device) - 1].tolist())
 
 
 def _global_numel(values: Sequence[Tensor], group: Group) -> int:

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from lightning_sparse import kernels, thresholds
 from lightning_sparse.thresholds import (
     floored_magnitude_thresholds,
     global_magnitude_threshold,
@@ -50,6 +51,36 @@ def test_bracketed_selection_over_odd_sizes_and_shapes_is_the_exact_kth_value():
     everything = torch.cat([v.flatten() for v in values])
     for k in (1, 17, everything.numel() // 2, everything.numel() - 3, everything.numel()):
         assert kth_smallest(values, k) == everything.kthvalue(k).values.item()
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        "cpu, no compiler",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")),
+    ],
+)
+def test_layers_no_fused_loop_serves_are_counted_in_groups_and_the_threshold_stays_exact(
+    device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # bf16 and small layers (every layer on a GPU, or without a compiler) take the eager pass, over layers
+    # concatenated in groups; large float32 CPU ones the fused loop. A group size that splits them shows that
+    # groups and their boundaries count exactly, scales included (ST-3σ's).
+    if device == "cpu, no compiler":
+        monkeypatch.setattr(kernels, "_loaded", {"library": None})
+    monkeypatch.setattr(thresholds, "_GROUP_SIZE", 100_000)
+    generator = torch.Generator().manual_seed(3)
+    sizes = [150_000, 60_000, 3_000, 70_000, 40_000, 90_000]
+    values = [torch.randn(n, generator=generator) for n in sizes]
+    values = [v.bfloat16() if i % 2 else v for i, v in enumerate(values)]
+    values = [v.to(device.split(",")[0]) for v in values]
+    scales = [1.0, 2.0, 0.5, 1.5, 3.0, 1.0]
+    everything = torch.cat([v.abs().float() * s for v, s in zip(values, scales, strict=True)])
+    for sparsity in (0.1, 0.5, 0.97):
+        k = round(sparsity * everything.numel())
+        tau = global_magnitude_threshold(values, sparsity, scales)
+        assert tau == everything.kthvalue(k).values.item()
 
 
 def test_zero_sparsity_prunes_nothing_and_bad_sparsity_raises():

@@ -78,7 +78,9 @@ def kept_gradient(grad: Tensor, weight: Tensor, threshold: Tensor) -> Tensor:
     number = _threshold_number(weight, threshold)
     if number is not None:
         return cast(Tensor, torch.ops.aten.softshrink_backward(grad, weight, number))
-    return torch.where(magnitude_above(weight, threshold), grad, 0.0)
+    # `|w| > t` is `magnitude_above`'s two comparisons exactly, in one op fewer: three where a GPU's backward waits on
+    # the host's launches, for a copy of one layer's magnitudes that lives only as long as this call.
+    return torch.where(weight.abs() > threshold, grad, 0.0)
 
 
 def _threshold_number(weight: Tensor, threshold: Tensor) -> float | None:

@@ -92,17 +92,14 @@ class _SoftThreshold(torch.autograd.Function):
     the kept gradient (`kept_gradient`) and one dot product: one fused pass on a large float32 CPU
     weight (`lightning_sparse.kernels`), four eager passes elsewhere. Taking the effective weight as an
     input lets every forward between two optimizer steps reuse one (see `LearnedSoftThreshold.forward`).
+    `ctx` comes to `forward`, as in ST-3's `_StraightThrough`: a `setup_context` costs an `inspect` binding per call.
     """
 
     @staticmethod
     @override
-    def forward(weight: Tensor, g: Tensor, effective: Tensor) -> Tensor:
+    def forward(ctx: Any, weight: Tensor, g: Tensor, effective: Tensor) -> Tensor:
+        ctx.save_for_backward(weight, g)
         return effective.view_as(effective)
-
-    @staticmethod
-    @override
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(*inputs[:2])
 
     @staticmethod
     @override
@@ -131,13 +128,8 @@ class _ReferenceProbe(torch.autograd.Function):
 
     @staticmethod
     @override
-    def forward(x: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # `ctx` here too, as `_SoftThreshold` takes it
         return x.clone()
-
-    @staticmethod
-    @override
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
 
     @staticmethod
     @override
