@@ -248,7 +248,7 @@ class StepTimer(pl.Callback):
 def fit_variant(
     name: str,
     steps: int,
-    batch: int,
+    loader: DataLoader,
     workload: Workload,
     first: Sequence[pl.Callback] = (),
     last: Sequence[pl.Callback] = (),
@@ -257,7 +257,6 @@ def fit_variant(
     torch.manual_seed(0)  # the same initial weights for every variant
     model = Classifier(workload)
     callbacks = [*first, *variant_callbacks(name, model, steps, workload.epoch_batches), *last]
-    loader = data_loader(batch, workload)
     settings = {"max_steps": steps, "max_epochs": -1, "precision": workload.precision}
     trainer(callbacks, accelerator="gpu" if CUDA else "cpu", **settings).fit(model, loader)
 
@@ -284,12 +283,13 @@ def run_probe(name: str, steps: int, batch: int, threads: int, workload: Workloa
     of training, before the callbacks' end-of-fit work (SparsityCallback's report and hardening).
     """
     torch.set_num_threads(threads)
-    data_loader(batch, workload)  # the data, and torch's first allocations, belong to the baseline
+    # The data, made before the baseline, is not the variant's memory (a second copy made after it would count).
+    loader = data_loader(batch, workload)
     baseline = reset_peak_memory()
     timer = StepTimer()
     opening, closing = timer.edges()
     with redirect_stdout(io.StringIO()):
-        fit_variant(name, steps + 1, batch, workload, first=[timer, opening], last=[closing])
+        fit_variant(name, steps + 1, loader, workload, first=[timer, opening], last=[closing])
     peak = peak_memory()
     result = {
         "times": timer.times, "hook_times": timer.hook_times, "growth_mib": peak - baseline, "peak_mib": peak,
@@ -346,7 +346,7 @@ def op_seconds(name: str, steps: int, batch: int, workload: Workload) -> dict[st
 
     profiled = Profiled()
     with redirect_stdout(io.StringIO()):
-        fit_variant(name, steps + 3, batch, workload, first=[profiled])
+        fit_variant(name, steps + 3, data_loader(batch, workload), workload, first=[profiled])
     return {event.key: event.self_cpu_time_total / 1e6 / steps for event in profiled.profiler.key_averages()}
 
 
