@@ -579,7 +579,6 @@ def main() -> None:
         "steps": args.warmup + args.steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
-        "epoch_batches": args.epoch_batches,
         "profile_steps": args.profile_steps,
         "profile_batch": profile_batch,
         "machine_before": before,
