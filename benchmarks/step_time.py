@@ -4,12 +4,15 @@ Every run trains its own ResNet (ResNet-18 by default, `--arch`; num_classes=10,
 `--image-size`; SGD with Nesterov momentum, weight decay and a per-step cosine schedule; `--precision`) with a
 plain Trainer in a fresh process of its own, in ordinary multi-batch epochs (`--epoch-batches`, default 20), at
 a given batch size and number of torch threads: every figure is a standalone run, nothing shares a process.
-Runs are interleaved round by round (round r starts with the r-th variant), so a change in the machine's load
-hits every variant alike. A step is timed from one `on_train_batch_start` to the next, by a callback placed
-before all others: that interval holds the forward, backward, optimizer and scheduler steps, every callback's
-hooks and the next batch's fetch. Peak RSS growth comes from the same runs. Runs on CUDA when present: the
-images then live on the GPU (no host-to-device copy in the step, as with a loader that keeps up), memory is the
-CUDA allocator's peak, the target is 1.02x and the figures go to their own section of RESULTS.md.
+On a CPU each round runs every variant's process at once, in lockstep: turns of a few steps, one process at a
+time, in a shuffled order, so a change in the machine's load (other jobs) hits every variant's steps alike,
+which runs made one after the other cannot promise on a shared machine. One more run of each variant, alone and
+uninterrupted, checks the rounds' figures against a run as a user makes it. A step is timed from one
+`on_train_batch_start` to the next, by a callback placed before all others: that interval holds the forward,
+backward, optimizer and scheduler steps, every callback's hooks and the next batch's fetch. Peak RSS growth comes
+from the same runs. Runs on CUDA when present: the variants then run one after the other (round r starts with the
+r-th), the images live on the GPU (no host-to-device copy in the step, as with a loader that keeps up), memory is
+the CUDA allocator's peak, the target is 1.02x and the figures go to their own section of RESULTS.md.
 
 ModelPruning prunes at epoch ends, as it does in a user's run (once every `--epoch-batches` steps).
 
@@ -25,13 +28,17 @@ import argparse
 import dataclasses
 import io
 import json
+import random
+import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import redirect_stdout
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import lightning.pytorch as pl
@@ -72,6 +79,8 @@ LABELS = {
 
 
 CUDA = torch.cuda.is_available()
+# Steps per turn of a lockstep round: the first of each is not timed (`StepTimer`).
+TURN = 5
 
 
 def memory_name(gpu: bool) -> str:
@@ -221,21 +230,37 @@ class HookEdge(pl.Callback):
 
 
 class StepTimer(pl.Callback):
-    """Times whole steps, from one `on_train_batch_start` to the next (an epoch boundary included when crossed)."""
+    """Times whole steps, from one `on_train_batch_start` to the next (an epoch boundary included when crossed).
 
-    def __init__(self) -> None:
+    With `wait_turn`, every `turn`-th step starts when that returns (lockstep runs), and is not timed: it starts on
+    caches another process has filled, which costs a step of ResNet-18 at batch 32 a fifth more. The others are
+    timed as an uninterrupted run's are.
+    """
+
+    def __init__(self, wait_turn: Callable[[], None] | None = None, turn: int = 1) -> None:
         self.clock = HookClock()
         self.times: list[float] = []
         self.hook_times: list[float] = []  # the part of each step spent in the variant's mask-updating hooks
+        # The memory each step got fresh from the OS: the page faults it took, which the allocator's state decides.
+        self.fresh_mib: list[float] = []
         self.training_peak_mib = 0.0  # VmHWM when training ends, before any callback's end-of-fit work
+        self._wait_turn, self._turn = wait_turn, turn
+        self._started = 0
         self._last: float | None = None
+        self._faults = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        now = time.perf_counter()
         if self._last is not None:
-            self.times.append(now - self._last)
-            self.hook_times.append(self.clock.take())
-        self._last = now
+            spent, hooks, faults = time.perf_counter() - self._last, self.clock.take(), minor_faults() - self._faults
+            if self._wait_turn is None or (self._started - 1) % self._turn:
+                self.times.append(spent)
+                self.hook_times.append(hooks)
+                self.fresh_mib.append(faults * resource.getpagesize() / 2**20)
+        if self._wait_turn is not None and self._started % self._turn == 0:
+            self._wait_turn()
+        self._started += 1
+        self._faults = minor_faults()
+        self._last = time.perf_counter()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.training_peak_mib = peak_memory()
@@ -275,55 +300,139 @@ def peak_memory() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if CUDA else rss_mib("VmHWM")
 
 
-def run_probe(name: str, steps: int, batch: int, threads: int, workload: Workload) -> None:
-    """Body of the subprocess behind `measure_run`: one standalone run of one variant; prints one JSON line.
+def minor_faults() -> int:
+    """The page faults this process has taken that the OS served without reading a disk: fresh memory, mostly."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def run_probe(name: str, steps: int, batch: int, threads: int, workload: Workload, turn: int) -> None:
+    """Body of the subprocess behind `measure_run` and `measure_lockstep`: one standalone run of one variant;
+    prints one JSON line.
 
     Times `steps` steps (plus one untimed last step) and records the peak memory growth over the run: peak
     (reset after imports and data) minus the memory in use before the model existed; and the same up to the end
-    of training, before the callbacks' end-of-fit work (SparsityCallback's report and hardening).
+    of training, before the callbacks' end-of-fit work (SparsityCallback's report and hardening). With a `turn`,
+    the run is in lockstep: it trains `lockstep_turns(steps, turn)` turns of `turn` steps and one last step, and
+    before each turn (and the last step) it prints `ready` and waits for a line to start.
     """
     torch.set_num_threads(threads)
     # The data, made before the baseline, is not the variant's memory (a second copy made after it would count).
     loader = data_loader(batch, workload)
     baseline = reset_peak_memory()
-    timer = StepTimer()
+    timer = StepTimer(wait_for_turn, turn) if turn else StepTimer()
     opening, closing = timer.edges()
+    length = lockstep_turns(steps, turn) * turn if turn else steps
     with redirect_stdout(io.StringIO()):
-        fit_variant(name, steps + 1, loader, workload, first=[timer, opening], last=[closing])
+        fit_variant(name, length + 1, loader, workload, first=[timer, opening], last=[closing])
     peak = peak_memory()
     result = {
-        "times": timer.times, "hook_times": timer.hook_times, "growth_mib": peak - baseline, "peak_mib": peak,
-        "training_growth_mib": timer.training_peak_mib - baseline,
+        "times": timer.times[:steps], "hook_times": timer.hook_times[:steps], "fresh_mib": timer.fresh_mib[:steps],
+        "growth_mib": peak - baseline, "peak_mib": peak, "training_growth_mib": timer.training_peak_mib - baseline,
     }  # fmt: skip
     print(json.dumps(result))
 
 
+def lockstep_turns(steps: int, turn: int) -> int:
+    """How many turns of `turn` steps time at least `steps` steps: a turn's first step is not timed.
+
+    >>> lockstep_turns(23, 5)
+    6
+    """
+    return -(-steps // (turn - 1))
+
+
+def wait_for_turn() -> None:
+    """A lockstep probe's wait: tell the coordinator a turn is about to start, and start it when told to."""
+    # The real stdout: the fit runs with `sys.stdout` redirected.
+    print("ready", file=sys.__stdout__, flush=True)
+    sys.stdin.readline()
+
+
+def probe_command(name: str, steps: int, batch: int, threads: int, workload: Workload, turn: int = 0) -> list[str]:
+    """The command line of a probe process (`run_probe`) that times `steps` steps, warm-up included."""
+    command = [sys.executable, __file__, "--run-probe", name, "--steps", str(steps), "--warmup", "0"]
+    return [*command, "--batch", str(batch), "--threads", str(threads), "--turn", str(turn), *workload.arguments()]
+
+
 def measure_run(name: str, steps: int, batch: int, threads: int, workload: Workload) -> dict[str, Any]:
-    """A fresh process training variant `name` alone, as a user's script would: its step times and memory."""
-    command = [sys.executable, __file__, "--run-probe", name, "--steps", str(steps), "--batch", str(batch)]
-    command += ["--threads", str(threads), *workload.arguments()]
+    """A fresh process training variant `name` alone and uninterrupted, as a user's script would: its step times
+    and memory."""
+    command = probe_command(name, steps, batch, threads, workload)
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return cast(dict[str, Any], json.loads(output.strip().splitlines()[-1]))
 
 
+def measure_lockstep(
+    names: Sequence[str], steps: int, batch: int, threads: int, workload: Workload, seed: int
+) -> dict[str, dict[str, Any]]:
+    """One standalone process per variant, all started at once and run in turns of `TURN` steps, one process at a
+    time, in an order shuffled at every turn (seeded by `seed` and the turn): each process's step times and memory.
+
+    Only one process computes at any moment, and the steps timed are those that follow a step of their own run
+    (`StepTimer`), so each has the machine as an uninterrupted run's step has it, while a change in the machine's
+    load (other jobs) lands on every variant's steps alike: ratios of steps interleaved this finely are far
+    steadier than ratios of runs made one after the other.
+    """
+    processes = {}
+    with tempfile.TemporaryDirectory() as logs:
+        for name in names:
+            command = probe_command(name, steps, batch, threads, workload, TURN)
+            with open(Path(logs) / name, "w") as stderr:
+                pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE}
+                processes[name] = subprocess.Popen(command, stderr=stderr, text=True, **pipes)
+
+        def answer(name: str) -> str:
+            line = processes[name].stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                raise RuntimeError(f"the {name} probe stopped:\n{(Path(logs) / name).read_text()[-3000:]}")
+            return line.strip()
+
+        for name in names:
+            answer(name)  # ready for its first turn
+        results: dict[str, dict[str, Any]] = {}
+        turns = lockstep_turns(steps, TURN)
+        # After the last turn, each probe's last step; then it prints its results.
+        for turn in range(turns + 1):
+            order = list(names)
+            random.Random(seed * 100_003 + turn).shuffle(order)
+            for name in order:
+                processes[name].stdin.write("go\n")  # type: ignore[union-attr]
+                processes[name].stdin.flush()  # type: ignore[union-attr]
+                line = answer(name)
+                if turn == turns:
+                    results[name] = json.loads(line)
+        for process in processes.values():
+            process.wait()
+    return results
+
+
 def measure(
     names: Sequence[str], configs: Sequence[tuple[int, int]], rounds: int, steps: int, workload: Workload
-) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """`rounds` standalone runs of every variant for each (batch, threads) configuration, interleaved.
+) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], dict[str, dict[str, dict[str, Any]]]]:
+    """`rounds` runs of every variant for each (batch, threads) configuration, and then one standalone,
+    uninterrupted run of each to check the rounds' figures against.
 
-    Round r runs the variants one after the other starting at the r-th (a rotation), so a change in the
-    machine's load hits every variant alike and none always follows the same other one.
+    On a CPU each round runs the variants in lockstep (`measure_lockstep`). On a GPU a process's queued work would
+    run on into another's step, so each round runs the variants one after the other, uninterrupted, starting at
+    the r-th (a rotation): a change in the machine's load hits every variant alike and none always follows the
+    same other one.
     """
     results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    standalone: dict[str, dict[str, dict[str, Any]]] = {}
     for batch, threads in configs:
         key = f"b{batch}_t{threads}"
         results[key] = {name: [] for name in names}
         for r in range(rounds):
-            for name in [*names[r % len(names) :], *names[: r % len(names)]]:
-                results[key][name].append(measure_run(name, steps, batch, threads, workload))
-                print(f"{key} round {r} {name}: {statistics.median(results[key][name][-1]['times']) * 1000:.0f} ms",
-                      file=sys.stderr)  # fmt: skip
-    return results
+            if CUDA:
+                rotation = [*names[r % len(names) :], *names[: r % len(names)]]
+                runs = {name: measure_run(name, steps, batch, threads, workload) for name in rotation}
+            else:
+                runs = measure_lockstep(names, steps, batch, threads, workload, seed=r)
+            for name, run in runs.items():
+                results[key][name].append(run)
+                print(f"{key} round {r} {name}: {statistics.median(run['times']) * 1000:.0f} ms", file=sys.stderr)
+        standalone[key] = {name: measure_run(name, steps, batch, threads, workload) for name in names}
+    return results, standalone
 
 
 def op_seconds(name: str, steps: int, batch: int, workload: Workload) -> dict[str, float]:
@@ -394,11 +503,15 @@ def profile_table(rows: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def summarize(results: dict[str, list[dict[str, Any]]], warmup: int) -> list[dict[str, Any]]:
-    """One row per variant of one configuration: median step, ratio to dense, hooks, memory growth."""
+def summarize(
+    results: dict[str, list[dict[str, Any]]], standalone: dict[str, dict[str, Any]], warmup: int
+) -> list[dict[str, Any]]:
+    """One row per variant of one configuration: median step, ratio to dense, hooks, memory growth, and the
+    standalone run's median step beside the rounds'."""
     steps = {name: [t for run in runs for t in run["times"][warmup:]] for name, runs in results.items()}
     hooks = {name: [t for run in runs for t in run["hook_times"][warmup:]] for name, runs in results.items()}
     per_round = {name: [statistics.median(run["times"][warmup:]) for run in runs] for name, runs in results.items()}
+    fresh = {name: [statistics.median(run["fresh_mib"][warmup:]) for run in runs] for name, runs in results.items()}
     growth = {name: statistics.median(run["growth_mib"] for run in runs) for name, runs in results.items()}
     training = {name: statistics.median(run["training_growth_mib"] for run in runs) for name, runs in results.items()}
     dense = statistics.median(steps["dense"])
@@ -412,9 +525,13 @@ def summarize(results: dict[str, list[dict[str, Any]]], warmup: int) -> list[dic
                 "steps": len(values),
                 "median_s": statistics.median(values),
                 "ratio": statistics.median(values) / dense,
+                "standalone_s": statistics.median(standalone[name]["times"][warmup:]),
                 "round_ratio_min": min(round_ratios),
                 "round_ratio_max": max(round_ratios),
                 "hooks_s": statistics.median(hooks[name]),
+                "fresh_mib": statistics.median(fresh[name]),
+                "fresh_mib_min": min(fresh[name]),
+                "fresh_mib_max": max(fresh[name]),
                 "rest_over_dense_s": statistics.median(rest) - dense,
                 "growth_mib": growth[name],
                 "growth_ratio": growth[name] / growth["dense"],
@@ -427,8 +544,10 @@ def summarize(results: dict[str, list[dict[str, Any]]], warmup: int) -> list[dic
 
 def table(rows: Sequence[dict[str, Any]], gpu: bool) -> str:
     headers = [
-        "Variant", "Median step (ms)", "Ratio to dense", "Per-round ratios", "Mask-update hooks (ms)",
-        "Rest of step vs dense (ms)", f"{memory_name(gpu)} growth (MiB)", "Growth ratio",
+        "Variant", "Median step (ms)", "Ratio to dense", "Per-round ratios", "Standalone run (ms, vs rounds)",
+        "Mask-update hooks (ms)",
+        "Rest of step vs dense (ms)", "Fresh memory per step (MiB, runs' range)", f"{memory_name(gpu)} growth (MiB)",
+        "Growth ratio",
         "Growth by training's end (MiB, ratio)",
     ]  # fmt: skip
     return markdown_table(
@@ -439,8 +558,10 @@ def table(rows: Sequence[dict[str, Any]], gpu: bool) -> str:
                 f"{1000 * r['median_s']:.0f}",
                 f"**{r['ratio']:.3f}**",
                 f"{r['round_ratio_min']:.2f}–{r['round_ratio_max']:.2f}",
+                f"{1000 * r['standalone_s']:.0f} ({r['standalone_s'] / r['median_s']:.2f})",
                 f"{1000 * r['hooks_s']:.0f}",
                 f"{round(1000 * r['rest_over_dense_s']):+d}",
+                f"{r['fresh_mib']:.1f} ({r['fresh_mib_min']:.1f}–{r['fresh_mib_max']:.1f})",
                 f"{r['growth_mib']:.0f}",
                 f"{r['growth_ratio']:.2f}",
                 f"{r['training_growth_mib']:.0f} ({r['training_growth_ratio']:.2f})",
@@ -490,6 +611,22 @@ def verdict(rows: Sequence[dict[str, Any]], batch: int, effective_mib: float, gp
     return lines
 
 
+def rounds_description(meta: dict[str, Any], gpu: bool) -> str:
+    """How the rounds ran, in words: in lockstep on a CPU, one variant after the other on a GPU."""
+    timed = f"{meta['steps']} timed steps per run of which the first {meta['warmup']} are left out"
+    if gpu:
+        return (
+            f"{meta['rounds']} rounds, each running every variant once, uninterrupted (round r starts with the r-th), "
+            f"{timed}."
+        )
+    return (
+        f"{meta['rounds']} rounds; in each, every variant's process starts at once and they train in lockstep, in "
+        f"turns of {meta['turn']} steps, one process at a time, in an order shuffled at every turn, so that the "
+        "load of other jobs lands on every variant alike. The first step of each turn starts on caches another "
+        f"process has filled and is not timed; {timed}."
+    )
+
+
 def section(tables: dict[str, list[dict[str, Any]]], profile: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     workload, gpu = Workload(**meta["workload"]), meta["device"] != "CPU"
     memory = (
@@ -503,13 +640,16 @@ def section(tables: dict[str, list[dict[str, Any]]], profile: Sequence[dict[str,
         f"torchvision {workload.arch} (num_classes=10), {workload.image_size}x{workload.image_size} inputs, "
         f"precision {workload.precision}, SGD Nesterov + weight decay + per-step cosine, "
         f"plain Trainer, epochs of {workload.epoch_batches} batches. Every run is a standalone process training one "
-        f"variant; {meta['rounds']} rounds, each running every variant once (round r starts with the r-th), "
-        f"{meta['steps']} steps per run of which the first {meta['warmup']} are not timed. A step is timed from one "
+        f"variant. {rounds_description(meta, gpu)} A step is timed from one "
         "`on_train_batch_start` to the next (forward, backward, optimizer and scheduler steps, every callback's "
         "hooks, the next batch). Ratio = median step over all rounds / dense's; per-round ratios = each run's "
-        "median / dense's run of the same round. Mask-update hooks = median time per step in the variant's "
+        "median / dense's run of the same round. Standalone run = one more run of each variant after the rounds, "
+        "alone and uninterrupted: its median step, and that over the rounds' (the rounds' figures checked against "
+        "a run as a user makes it). Mask-update hooks = median time per step in the variant's "
         "`on_train_batch_end` and `on_train_epoch_end`; rest of step vs dense = median (step minus hooks) minus "
-        f"dense's median. {memory_name(gpu)} growth = {memory}, median over rounds; growth by training's end = "
+        "dense's median. Fresh memory per step = the page faults a step took (memory the allocator got anew from "
+        "the OS, zeroed on first touch), in MiB, median of the runs' medians, and their range. "
+        f"{memory_name(gpu)} growth = {memory}, median over rounds; growth by training's end = "
         "the same at `on_train_end`, before any callback's end-of-fit work (SparsityCallback's report, its plot and "
         "hardening). Target sparsity 90 %; ST-3's cubic schedule spans the whole run (every step recomputes its "
         "threshold, as it does at its final sparsity after `end`). STR: s_init -5, threshold_decay 5e-3.",
@@ -524,7 +664,10 @@ def section(tables: dict[str, list[dict[str, Any]]], profile: Sequence[dict[str,
             "Where the extra time goes: the ops whose self CPU time (the host's, on a GPU) per step grew most over "
             f"dense's (`torch.profiler`, batch {meta['profile_batch']}, {meta['profile_steps']} steps per variant "
             "after two warm-up steps, dense and each variant profiled in turn three times, median per op; the "
-            "profiler's own overhead inflates small ops).",
+            "profiler's own overhead inflates small ops). Lightning runs the forward and backward inside "
+            "`optimizer.step(closure)`, so `Optimizer.step#SGD.step`'s self time holds all of the closure's time "
+            "that no op of its own accounts for: the fused loops called from a forward (STR's effective weight) "
+            "and the Python of the parametrizations, as well as the update itself.",
             "",
             profile_table(profile),
             "",
@@ -549,6 +692,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--profile", choices=VARIANTS, help="only print the ops this variant adds to dense's step")
     parser.add_argument("--run-probe", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--turn", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument(
         "--no-publish", action="store_true", help="print; write results/step_time_quick.json, not the published files"
     )
@@ -556,7 +700,7 @@ def main() -> None:
     silence()
     workload = Workload(args.arch, args.image_size, args.precision, args.epoch_batches)
     if args.run_probe:
-        run_probe(args.run_probe, args.warmup + args.steps, args.batch, args.threads[0], workload)
+        run_probe(args.run_probe, args.warmup + args.steps, args.batch, args.threads[0], workload, args.turn)
         return
     profile_batch = args.batches[0]
     if args.profile:
@@ -566,8 +710,8 @@ def main() -> None:
     names = ["dense", *(v for v in args.variants if v != "dense")]
     before = machine()
     configs = [(batch, threads) for batch in args.batches for threads in args.threads]
-    results = measure(names, configs, args.rounds, args.warmup + args.steps, workload)
-    tables = {key: summarize(runs, args.warmup) for key, runs in results.items()}
+    results, standalone = measure(names, configs, args.rounds, args.warmup + args.steps, workload)
+    tables = {key: summarize(runs, standalone[key], args.warmup) for key, runs in results.items()}
     profile = []
     if args.profile_steps:
         sparse = [n for n in names if n in ("st3", "str")]
@@ -579,6 +723,7 @@ def main() -> None:
         "steps": args.warmup + args.steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
+        "turn": TURN,
         "profile_steps": args.profile_steps,
         "profile_batch": profile_batch,
         "machine_before": before,
@@ -595,7 +740,7 @@ def main() -> None:
     name = "step_time_gpu" if CUDA else "step_time"
     publish(
         f"{name}_quick" if args.no_publish else name,
-        {**meta, "tables": tables, "profile": profile, "runs": results},
+        {**meta, "tables": tables, "profile": profile, "runs": results, "standalone_runs": standalone},
         None if args.no_publish else section(tables, profile, meta),
     )
 
@@ -628,9 +773,10 @@ Notes:
   channel sums, rescale and new effective weight (`lightning_sparse.kernels`: C loops built
   once per machine, which split large weights among torch's threads on torch's own OpenMP team: threads of
   their own measured no faster, as torch's workers spin on the other core after each of its parallel ops). The
-  fused loops are not torch ops: the profile table shows only what stays eager.
+  fused loops are not torch ops: the profile table shows only what stays eager. The passes that write an
+  effective weight larger than the caches write it with non-temporal stores, which skip reading each line first.
 - STR's forward also serves one effective weight per change of the raw weight or of `s` (once per
-  optimizer step), computed by torch's softshrink kernel (one pass) into the memory of the last one. Its
+  optimizer step), computed by a fused pass into the memory of the last one. Its
   backward is one fused pass that writes the kept gradient over the incoming one (where nothing else
   holds that, as in a plain step), which autograd then takes over as `.grad`: no new gradient tensor,
   whose fresh memory cost page faults at every step. Both passes are in the "rest of step" column.
@@ -641,8 +787,14 @@ Notes:
   derived from the weight and its threshold where it is read, not stored, until frozen. The end of the fit adds
   SparsityCallback's report (its budget plot, drawn with matplotlib) and hardening: the last column leaves them
   out.
-- Timings on this 2-core machine are noisy from process to process (the per-round ratios): the
-  2-thread runs, which need both cores, suffer most.
+- Fresh memory per step: glibc's malloc hands large freed blocks back to the OS and maps them anew (its
+  mmap and trim thresholds move with what was freed), so a step can take thousands of page faults, each
+  zeroing a page, for the optimizer's temporaries and the gradients: a dense step's median is 9-33 MiB here,
+  and one variant's runs differ by up to 90 MiB per step (ST-3 at batch 32, one thread: 8.9-98.5). It is the
+  allocator's state, not what a method computes, and a part of the noise between processes.
+- Timings on this shared 2-core machine are noisy from process to process even in lockstep (the per-round
+  ratios; two dense processes in lockstep differ by up to 3-4 %): the 2-thread runs, which need both cores,
+  suffer most.
 """
 
 

@@ -155,11 +155,22 @@ def test_fused_quickselect_gives_kthvalue(values: torch.Tensor) -> None:
     assert torch.equal(with_nan.isnan(), before.isnan()) and torch.equal(with_nan.nan_to_num(), before.nan_to_num())
 
 
-@pytest.mark.parametrize(("rescale", "width"), [(True, 1.0), (False, 1.0), (True, 11.0)], ids=["st3", "plain", "sigma"])
+# (300, 1001): large enough for non-temporal stores, with rows starting at every alignment. The fused loop's pruned
+# entries are +0; torch's softshrink gives some negative ones -0 (its vector and scalar paths differ).
+@pytest.mark.parametrize(
+    ("rescale", "width", "shape"),
+    [
+        (True, 1.0, (128, 64, 3, 3)),
+        (False, 1.0, (128, 64, 3, 3)),
+        (True, 11.0, (128, 64, 3, 3)),
+        (False, 1.0, (300, 1001)),
+    ],
+    ids=["st3", "plain", "sigma", "plain-streamed"],
+)
 def test_fused_st3_update_sets_the_eager_mask_rescale_and_effective_weight(
-    rescale: bool, width: float, monkeypatch: pytest.MonkeyPatch
+    rescale: bool, width: float, shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    weight = torch.randn(128, 64, 3, 3, generator=torch.Generator().manual_seed(2)) * 0.05
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 0.05
     threshold = weight.abs().flatten().kthvalue(weight.numel() * 9 // 10).values.item() * width
     results, unpruned = [], []
     for loops in (True, False):
@@ -177,8 +188,17 @@ def test_fused_st3_update_sets_the_eager_mask_rescale_and_effective_weight(
     assert torch.equal(mask, eager_mask) and int((~mask).sum()) == weight.numel() * 9 // 10
     torch.testing.assert_close(scale, eager_scale, rtol=1e-6, atol=0)  # from a sum, in another order
     torch.testing.assert_close(effective, eager_effective, rtol=1e-6, atol=0)
-    if not rescale:  # no sum to round differently: the same bits, a pruned entry's +0 among them
-        assert torch.equal(effective.view(torch.int32), eager_effective.view(torch.int32))
+    if not rescale:  # no sum to round differently: the same bits, but for the sign of a pruned negative's zero
+        assert torch.equal(effective.view(torch.int32), (eager_effective + 0.0).view(torch.int32))
+
+
+@pytest.mark.parametrize("shape", [(kernels.MIN_ELEMENTS + 3,), (300, 1001)], ids=["small", "streamed"])
+def test_fused_soft_threshold_gives_torchs_softshrink(shape: tuple[int, ...]) -> None:
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    out = torch.empty_like(weight)
+    assert kernels.soft_threshold_into(weight, out, 0.6)
+    # The same bits, but for the sign of a pruned negative's zero (+0 here, sometimes -0 in torch's kernel).
+    assert torch.equal(out.view(torch.int32), (nn.functional.softshrink(weight, 0.6) + 0.0).view(torch.int32))
 
 
 HUGE = (1 << 20) + 5  # split among threads (from 2**18 entries)
@@ -203,15 +223,17 @@ def test_loops_split_among_threads_give_the_same_bits_as_one_thread(threads) -> 
     for count in (1, 2, 3):
         threads(count)
         kept, effective, scale = grad.clone(), torch.empty_like(weight), torch.ones(1024, 1)
+        shrunk = torch.empty_like(weight)
         d_threshold = kernels.soft_threshold_backward_(kept, weight, torch.tensor(0.7))
         assert kernels.st3_apply(weight, effective, scale, 0.7, rescale=True, epsilon=1e-6)
+        assert kernels.soft_threshold_into(weight, shrunk, 0.7)
         selected = kernels.count_below_and_select(values, 0.5, 0.5, expected=10)
         assert d_threshold is not None and selected is not None
-        results.append((kept, d_threshold, effective, scale, *selected[:2]))
+        results.append((kept, d_threshold, effective, scale, shrunk, *selected[:2]))
     for split in results[1:]:
         for one, many in zip(results[0], split, strict=True):
             assert torch.equal(torch.as_tensor(one), torch.as_tensor(many))
-    below, inside = results[1][4:]
+    below, inside = results[1][5:]
     assert below == int((values < 0.5).sum()) and inside.numel() == int((values == 0.5).sum()) >= 1000
     torch.testing.assert_close(results[0][1], -(grad * weight.sign())[weight.abs() > 0.7].sum(), rtol=1e-5, atol=0)
 
