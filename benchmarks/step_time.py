@@ -387,22 +387,26 @@ def measure_lockstep(
                 raise RuntimeError(f"the {name} probe stopped:\n{(Path(logs) / name).read_text()[-3000:]}")
             return line.strip()
 
-        for name in names:
-            answer(name)  # ready for its first turn
-        results: dict[str, dict[str, Any]] = {}
-        turns = lockstep_turns(steps, TURN)
-        # After the last turn, each probe's last step; then it prints its results.
-        for turn in range(turns + 1):
-            order = list(names)
-            random.Random(seed * 100_003 + turn).shuffle(order)
-            for name in order:
-                processes[name].stdin.write("go\n")  # type: ignore[union-attr]
-                processes[name].stdin.flush()  # type: ignore[union-attr]
-                line = answer(name)
-                if turn == turns:
-                    results[name] = json.loads(line)
-        for process in processes.values():
-            process.wait()
+        try:
+            for name in names:
+                answer(name)  # ready for its first turn
+            results: dict[str, dict[str, Any]] = {}
+            turns = lockstep_turns(steps, TURN)
+            # After the last turn, each probe's last step; then it prints its results.
+            for turn in range(turns + 1):
+                order = list(names)
+                random.Random(seed * 100_003 + turn).shuffle(order)
+                for name in order:
+                    processes[name].stdin.write("go\n")  # type: ignore[union-attr]
+                    processes[name].stdin.flush()  # type: ignore[union-attr]
+                    line = answer(name)
+                    if turn == turns:
+                        results[name] = json.loads(line)
+        finally:
+            # A probe that failed leaves the others waiting for their turn.
+            for process in processes.values():
+                process.kill()
+                process.wait()
     return results
 
 

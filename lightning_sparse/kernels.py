@@ -4,11 +4,13 @@ makes several.
 Each elementwise op in eager PyTorch is a pass over the weight, and on a CPU the passes a sparse method adds to a
 step cost more than its convolutions notice: STR's backward (kept gradient, sign, dot product), ST-3's selection
 (two comparisons, a count, a boolean index) and its rescale and effective weight. The loops here do each in
-one pass. They are a small C source, compiled once per machine with the system's C compiler (`CC`, else `cc`) into
-the user's cache directory and loaded with `ctypes`: no torch headers, so the first use costs well under a second and
-the process no memory. Large tensors are split among torch's threads (`torch.get_num_threads()`), on torch's own
-OpenMP runtime where it has GNU's (its Linux builds), and on one thread elsewhere; a thread count never changes a bit
-of a result: sums run in blocks sized by the tensor alone.
+one pass, and write an effective weight too large to stay cached (ST-3's, and STR's, which torch's softshrink also
+writes in one pass) with non-temporal stores, which skip reading each line before writing it. They are a small C
+source, compiled once per machine with the system's C compiler (`CC`, else `cc`) into the user's cache directory and
+loaded with `ctypes`: no torch headers, so the first use costs well under a second and the process no memory. Large
+tensors are split among torch's threads (`torch.get_num_threads()`), on torch's own OpenMP runtime where it has
+GNU's (its Linux builds), and on one thread elsewhere; a thread count never changes a bit of a result: sums run in
+blocks sized by the tensor alone.
 
 Each function serves contiguous float32 CPU tensors of at least `MIN_ELEMENTS` entries that autograd does not
 track, outside `torch.compile`, and returns None (or False) anywhere else: the caller then runs its eager form,
@@ -301,8 +303,8 @@ static inline float abs_sum(const float *restrict w, int64_t cols, int prune, fl
     return (float)sum;
 }
 
-/* softshrink(x, shrink) * s, exactly: copysign(|x| - shrink, x) is x - shrink or x + shrink as rounded, and a pruned
-   entry is +0 as in torch. */
+/* softshrink(x, shrink) * s, exactly: copysign(|x| - shrink, x) is x - shrink or x + shrink as rounded. A pruned
+   entry is +0 (torch's kernel gives some pruned negative ones -0). */
 static inline float shrunk(float x, float shrink, float s) {
     float kept = fabsf(x) - shrink;
     return (kept > 0.0f ? copysignf(kept, x) : 0.0f) * s;
@@ -364,8 +366,8 @@ void soft_threshold_into(const float *restrict weight, float *restrict out, int6
    independent: threads split them without changing a bit. */
 void st3_apply(const float *restrict weight, float *restrict effective, float *restrict scale, int64_t rows,
                int64_t cols, float shrink, float epsilon, int rescale, int threads) {
-    int stream = rows * cols >= PARALLEL_MIN;
-#pragma omp parallel for num_threads(threads) if (rows * cols >= PARALLEL_MIN) schedule(static)
+    int large = rows * cols >= PARALLEL_MIN;
+#pragma omp parallel for num_threads(threads) if (large) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float *w = weight + r * cols;
         float s = 1.0f;
@@ -374,7 +376,7 @@ void st3_apply(const float *restrict weight, float *restrict effective, float *r
             s = 1.01f / ((kept + epsilon) / (total + epsilon) + 0.01f);
             scale[r] = s;
         }
-        if (effective) shrink_into(w, effective + r * cols, cols, shrink, s, stream);
+        if (effective) shrink_into(w, effective + r * cols, cols, shrink, s, large);
     }
 }
 """
