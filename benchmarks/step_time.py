@@ -793,12 +793,11 @@ Notes:
   out.
 - Fresh memory per step: glibc's malloc hands large freed blocks back to the OS and maps them anew (its
   mmap and trim thresholds move with what was freed), so a step can take thousands of page faults, each
-  zeroing a page, for the optimizer's temporaries and the gradients: a dense step's median is 9-33 MiB here,
-  and one variant's runs differ by up to 90 MiB per step (ST-3 at batch 32, one thread: 8.9-98.5). It is the
-  allocator's state, not what a method computes, and a part of the noise between processes.
-- Timings on this shared 2-core machine are noisy from process to process even in lockstep (the per-round
-  ratios; two dense processes in lockstep differ by up to 3-4 %): the 2-thread runs, which need both cores,
-  suffer most.
+  zeroing a page, for the optimizer's temporaries and the gradients. How much differs between runs of one
+  variant (the column's range) with the allocator's state, not with what a method computes: a part of the
+  noise between processes.
+- Timings on a shared 2-core machine are noisy from process to process even in lockstep (the per-round
+  ratios): the 2-thread runs, which need both cores, suffer most.
 """
 
 
