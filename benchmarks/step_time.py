@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,19 +232,19 @@ class HookEdge(pl.Callback):
 class StepTimer(pl.Callback):
     """Times whole steps, from one `on_train_batch_start` to the next (an epoch boundary included when crossed).
 
-    With `wait_turn`, every `turn`-th step starts when that returns (lockstep runs), and is not timed: it starts on
-    caches another process has filled, which costs a step of ResNet-18 at batch 32 a fifth more. The others are
-    timed as an uninterrupted run's are.
+    With a `turn` (lockstep runs), every `turn`-th step starts when `wait_for_turn` returns, and is not timed: it
+    starts on caches another process has filled, which costs a step of ResNet-18 at batch 32 a fifth more. The others
+    are timed as an uninterrupted run's are.
     """
 
-    def __init__(self, wait_turn: Callable[[], None] | None = None, turn: int = 1) -> None:
+    def __init__(self, turn: int = 0) -> None:
         self.clock = HookClock()
         self.times: list[float] = []
         self.hook_times: list[float] = []  # the part of each step spent in the variant's mask-updating hooks
         # The memory each step got fresh from the OS: the page faults it took, which the allocator's state decides.
         self.fresh_mib: list[float] = []
         self.training_peak_mib = 0.0  # VmHWM when training ends, before any callback's end-of-fit work
-        self._wait_turn, self._turn = wait_turn, turn
+        self._turn = turn
         self._started = 0
         self._last: float | None = None
         self._faults = 0
@@ -252,12 +252,12 @@ class StepTimer(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if self._last is not None:
             spent, hooks, faults = time.perf_counter() - self._last, self.clock.take(), minor_faults() - self._faults
-            if self._wait_turn is None or (self._started - 1) % self._turn:
+            if not self._turn or (self._started - 1) % self._turn:
                 self.times.append(spent)
                 self.hook_times.append(hooks)
                 self.fresh_mib.append(faults * resource.getpagesize() / 2**20)
-        if self._wait_turn is not None and self._started % self._turn == 0:
-            self._wait_turn()
+        if self._turn and self._started % self._turn == 0:
+            wait_for_turn()
         self._started += 1
         self._faults = minor_faults()
         self._last = time.perf_counter()
@@ -319,7 +319,7 @@ def run_probe(name: str, steps: int, batch: int, threads: int, workload: Workloa
     # The data, made before the baseline, is not the variant's memory (a second copy made after it would count).
     loader = data_loader(batch, workload)
     baseline = reset_peak_memory()
-    timer = StepTimer(wait_for_turn, turn) if turn else StepTimer()
+    timer = StepTimer(turn)
     opening, closing = timer.edges()
     length = lockstep_turns(steps, turn) * turn if turn else steps
     with redirect_stdout(io.StringIO()):

@@ -64,6 +64,14 @@ _SOURCE = r"""
 /* Where a part ends or begins: the last part can be short, or empty. */
 static inline int64_t at_most(int64_t x, int64_t n) { return x < n ? x : n; }
 
+/* How many parts a pass over n entries splits into among `threads`, and (in *size) the entries of each but the last:
+   whole vectors of 16. */
+static inline int parts_of(int64_t n, int threads, int64_t *size) {
+    int parts = n < PARALLEL_MIN ? 1 : threads < MAX_PARTS ? threads : MAX_PARTS;
+    *size = (n / parts + 16) / 16 * 16;
+    return parts;
+}
+
 /* The kept gradient in place and its sum times sign(w): see `soft_threshold_backward`. */
 static double kept_sum(float *restrict grad, const float *restrict weight, float g, int64_t n) {
     float lanes[16] = {0};
@@ -208,8 +216,9 @@ static int64_t count_range(const float *restrict v, int64_t n, float lo, float h
 int64_t count_below_and_select(const float *restrict v, int64_t n, float lo, float hi, int absolute,
                                float *restrict inside, int64_t capacity, int threads, int64_t *n_inside,
                                int64_t *n_non_finite, int64_t *needed) {
-    int parts = n < PARALLEL_MIN ? 1 : threads < MAX_PARTS ? threads : MAX_PARTS;
-    int64_t room = capacity / parts, size = (n / parts + 16) / 16 * 16;
+    int64_t size;
+    int parts = parts_of(n, threads, &size);
+    int64_t room = capacity / parts;
     int64_t below[MAX_PARTS], found[MAX_PARTS], bad[MAX_PARTS];
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
     for (int p = 0; p < parts; p++) {
@@ -352,8 +361,8 @@ static void shrink_into(const float *restrict w, float *restrict e, int64_t n, f
 
 /* softshrink(w, shrink) into `out`, the n entries split among threads in parts of whole vectors. */
 void soft_threshold_into(const float *restrict weight, float *restrict out, int64_t n, float shrink, int threads) {
-    int parts = n < PARALLEL_MIN ? 1 : threads < MAX_PARTS ? threads : MAX_PARTS;
-    int64_t size = (n / parts + 16) / 16 * 16;
+    int64_t size;
+    int parts = parts_of(n, threads, &size);
 #pragma omp parallel for num_threads(parts) schedule(static, 1)
     for (int p = 0; p < parts; p++) {
         int64_t begin = at_most(p * size, n);
