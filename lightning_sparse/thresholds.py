@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -51,6 +52,7 @@ from lightning_sparse.sharding import Group, all_gather_cat, all_sum
 
 __all__ = [
     "NonFiniteWeightsError",
+    "WarmBracket",
     "count_non_finite",
     "floored_magnitude_thresholds",
     "global_magnitude_threshold",
@@ -65,6 +67,9 @@ _SAMPLE_SIZE = 1 << 16
 # The most elements the eager counting pass reads at once, from layers concatenated (`_counting_passes`): 128 MiB
 # of float32, beside the passes' own temporaries.
 _GROUP_SIZE = 1 << 25
+# About how many values a warm bracket (`WarmBracket`) holds beyond its prediction's error: a selection among them
+# costs well under a millisecond, and a miss (one more counting pass) is rarer the more it holds.
+_WARM_ROOM = 4096
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -94,6 +99,67 @@ optimizer step 7: 'fc' (3 of 64 entries). ...
         )
 
 
+@dataclass
+class WarmBracket:
+    """What the last of a sequence of selections over the same values found (ST-3's threshold, one optimizer step
+    after another), to bracket the next one without a sample.
+
+    Between two steps the k-th smallest magnitude moves by what the schedule adds to `k`, at the density of the
+    magnitudes around it, and by the weights' drift, which changes slowly from step to step. The next bracket is
+    centred where both put it; its half-width is four times the last prediction's error, a quarter of the
+    schedule's move and room for about `_WARM_ROOM` values. It holds a few percent of what the sample's 5-sigma
+    bracket does, so the selection inside it costs little, and the sample (a strided read of every layer, and two
+    selections) is not taken at all. A miss costs one more counting pass, then the sample's bracket serves, and
+    the miss widens the next one. Any bracket gives the same threshold: this is a cache, not training state, so
+    it is not saved, and DDP ranks, which select the same values, keep the same one.
+
+    Example:
+        >>> warm, weights = WarmBracket(), [torch.linspace(-1.0, 1.0, 300_001)]
+        >>> global_magnitude_threshold(weights, 0.5, warm=warm)  # no memory yet: sampled
+        0.5
+        >>> lo, hi, _ = warm.bracket(300_001, 150_000)
+        >>> lo < 0.5 < hi
+        True
+    """
+
+    total: int = 0
+    k: int = 0
+    value: float = 0.0
+    density: float = 0.0  # values per unit around `value`; 0 when nothing is remembered
+    drift: float = 0.0  # how far `value` moved at the last step beyond what its change of `k` explains
+    error: float = 0.0  # how far the last bracket's centre was from the value found
+
+    def bracket(self, total: int, k: int) -> tuple[float, float, float] | None:
+        """`(lo, hi, fraction)`: the bracket for the `k`-th smallest of `total` values, and the fraction of them
+        expected inside it; None if nothing is remembered of a selection over `total` values."""
+        centre = self._centre(total, k)
+        if centre is None:
+            return None
+        shift = (k - self.k) / self.density
+        half = 4.0 * abs(self.error) + 0.25 * abs(shift) + _WARM_ROOM / 2 / self.density
+        return centre - half, centre + half, min(1.0, 2.0 * half * self.density / total)
+
+    def record(self, total: int, k: int, found: _Bracketed) -> None:
+        """Remember what a selection of the `k`-th smallest of `total` values found in its bracket (which held it)."""
+        assert found.value is not None
+        centre = self._centre(total, k)
+        if centre is not None:
+            self.error = found.value - centre
+            self.drift = found.value - self.value - (k - self.k) / self.density
+        else:
+            self.error = self.drift = 0.0
+        width = found.hi - found.lo
+        # A density from a handful of values, or from an open bracket, would mislead the next bracket's width.
+        enough = found.inside >= _WARM_ROOM // 16 and math.isfinite(width) and width > 0.0
+        self.total, self.k, self.value = total, k, found.value
+        self.density = found.inside / width if enough else 0.0
+
+    def _centre(self, total: int, k: int) -> float | None:
+        if total != self.total or self.density <= 0.0:
+            return None
+        return self.value + (k - self.k) / self.density + self.drift
+
+
 def count_non_finite(weights: Mapping[str, Tensor]) -> dict[str, tuple[int, int]]:
     """For each weight that holds NaN or inf: how many entries, and of how many. For the rare error path.
 
@@ -111,6 +177,7 @@ def global_magnitude_threshold(
     scales: Sequence[float] | None = None,
     group: Group = None,
     names: Sequence[str] | None = None,
+    warm: WarmBracket | None = None,
 ) -> float:
     """Return `tau` such that a `sparsity` fraction of all magnitudes `|weights[i]| * scales[i]` is `<= tau`.
 
@@ -120,6 +187,7 @@ def global_magnitude_threshold(
     this rank's shards and `n` counts every rank's (see the module's docstring). The magnitudes are taken
     as the weights are read (see the module's docstring for what is materialised). Raises
     `NonFiniteWeightsError` naming the weights (by `names`, else by position) that hold NaN or inf, on every rank.
+    `warm` brackets the selection from the last one it made (`WarmBracket`), at no cost to exactness.
 
     Example:
         >>> global_magnitude_threshold([torch.tensor([3.0, -1.0]), torch.tensor([-2.0, 4.0])], 0.5)
@@ -133,7 +201,7 @@ def global_magnitude_threshold(
         if not k:
             _check_finite(weights, group)
             return 0.0
-        return _kth_smallest_bracketed(weights, scales, k, group, absolute=True)
+        return _kth_smallest_bracketed(weights, scales, k, group, absolute=True, warm=warm)
     except _NonFiniteMagnitudes:
         raise _non_finite_error(weights, names) from None
 
@@ -156,6 +224,7 @@ def floored_magnitude_thresholds(
     scales: Sequence[float] | None = None,
     group: Group = None,
     names: Sequence[str] | None = None,
+    warm: WarmBracket | None = None,
 ) -> tuple[float, list[float]]:
     """The global threshold `tau` and each layer's threshold, so that pruning `|weight| * scale <= threshold` in
     every layer prunes `round(sparsity * n)` of all `n` elements (up to exact ties) while layer `i` keeps at least
@@ -179,7 +248,8 @@ def floored_magnitude_thresholds(
     Thresholds are in the units of `|weight| * scale`; a layer that keeps everything gets 0.0. With a process
     `group`, `weights` are this rank's shards, and sizes, counts and selections are over every rank's. Raises
     `NonFiniteWeightsError` as `global_magnitude_threshold` does, from the first selection's counts (a NaN is
-    neither below nor inside a bracket), or from a pass of its own if nothing is pruned.
+    neither below nor inside a bracket), or from a pass of its own if nothing is pruned. `warm` brackets the first
+    selection, over all layers, as in `global_magnitude_threshold`.
 
     Example:
         >>> small, large = torch.tensor([0.25, 0.5, 0.75]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
@@ -202,7 +272,7 @@ def floored_magnitude_thresholds(
             f"sparsity {sparsity} leaves"
         )
     try:
-        return _floored_thresholds(weights, scales, sizes, kept, min_kept, group)
+        return _floored_thresholds(weights, scales, sizes, kept, min_kept, group, warm)
     except _NonFiniteMagnitudes:
         raise _non_finite_error(weights, names) from None
 
@@ -214,6 +284,7 @@ def _floored_thresholds(
     kept: int,
     min_kept: Sequence[int],
     group: Group,
+    warm: WarmBracket | None,
 ) -> tuple[float, list[float]]:
     """`floored_magnitude_thresholds`' fixed point, its arguments checked."""
     floored: dict[int, float] = {}
@@ -222,9 +293,11 @@ def _floored_thresholds(
         # What the layers not floored must prune so that, with the floored layers at their floors, `kept` remain.
         prune = sum(sizes[i] for i in rest) - (kept - sum(min_kept[i] for i in floored))
         if prune > 0:
+            # Only the first round's selection, over every layer, is the same from one step to the next.
             tau = _kth_smallest_bracketed(
-                [weights[i] for i in rest], [scales[i] for i in rest], prune, group, absolute=True
-            )
+                [weights[i] for i in rest], [scales[i] for i in rest], prune, group, absolute=True,
+                warm=None if floored else warm,
+            )  # fmt: skip
         else:  # Only through exact ties at a threshold: the others keep everything, or every layer is floored.
             if not floored:  # no selection has read the weights
                 _check_finite(weights, group)
@@ -294,10 +367,16 @@ def kth_smallest(values: Sequence[Tensor], k: int, scales: Sequence[float] | Non
 
 
 def _kth_smallest_bracketed(
-    values: Sequence[Tensor], scales: Sequence[float], k: int, group: Group, absolute: bool = False
+    values: Sequence[Tensor],
+    scales: Sequence[float],
+    k: int,
+    group: Group,
+    absolute: bool = False,
+    warm: WarmBracket | None = None,
 ) -> float:
     """The `k`-th smallest (from 1) of all `values[i] * scales[i]` over the ranks of `group`; of the magnitudes
-    `|values[i]| * scales[i]` with `absolute`."""
+    `|values[i]| * scales[i]` with `absolute`. With `warm`, bracketed first where it predicts (no sample), and told
+    what this selection found."""
     total = _global_numel(values, group)
     stride = total // _SAMPLE_SIZE
     if stride < 2:
@@ -305,23 +384,79 @@ def _kth_smallest_bracketed(
 
     # Flat views: a boolean index into a 4-D weight builds four index tensors, 2-3x the time of one.
     values = [v.reshape(-1) for v in values]
+    q = k / total
+    guess = warm.bracket(total, k) if warm is not None else None
+    # A warm bracket wider than the sample's (the schedule's steps are large next to the run) is not worth its count.
+    if warm is not None and guess is not None and guess[2] < 2.0 * _sample_margin(q, _SAMPLE_SIZE):
+        lo, hi, expected = guess
+        found = _select_in_bracket(values, scales, k, (lo, hi), expected, group, absolute)
+        if found.value is not None:
+            warm.record(total, k, found)
+            return found.value
     # |v| * s is |v * s| bit for bit (s > 0): one `abs` for the whole sample, not one per layer.
     local = torch.cat([_scaled(v[::stride], s) for v, s in zip(values, scales, strict=True)])
     sample = all_gather_cat(local.abs_() if absolute else local, group)
     m = sample.numel()
-    q = k / total
-    # A 5-sigma binomial margin: the bracket misses the true quantile about once in a million calls,
-    # and then the selection below still gives the right answer.
-    margin = 5.0 * math.sqrt(q * (1.0 - q) / m) + 1.0 / m
+    margin = _sample_margin(q, m)
     lo_rank, hi_rank = math.floor((q - margin) * m), math.ceil((q + margin) * m)
     ranks = [rank for rank in (lo_rank, hi_rank) if 1 <= rank <= m]
     bounds = dict(zip(ranks, _select_ranks(sample, ranks), strict=True))
     lo, hi = bounds.get(lo_rank, -math.inf), bounds.get(hi_rank, math.inf)
+    found = _select_in_bracket(values, scales, k, (lo, hi), (hi_rank - lo_rank) / m, group, absolute)
+    if found.value is not None:
+        if warm is not None:
+            warm.record(total, k, found)
+        return found.value
+    values = _magnitudes(values) if absolute else values
+    if group is None:
+        return _kth_smallest(values, scales, k, group)
+    # Sharded, the bracket missed (as rarely as above): select again among the values on the side of the
+    # bracket that holds the k-th, which each rank filters from its shards; never a gather of all values.
+    if k <= found.below:
+        return _kth_smallest_bracketed([v[v < lo / s] for v, s in zip(values, scales, strict=True)], scales, k, group)
+    above = [v[v > hi / s] for v, s in zip(values, scales, strict=True)]
+    return _kth_smallest_bracketed(above, scales, k - found.below - found.inside, group)
+
+
+def _sample_margin(q: float, m: int) -> float:
+    """How far from `q` a sample of `m` values brackets the `q`-quantile of all values, as a fraction of them.
+
+    A 5-sigma binomial margin: the bracket misses the true quantile about once in a million calls, and then the
+    selection still gives the right answer.
+    """
+    return 5.0 * math.sqrt(q * (1.0 - q) / m) + 1.0 / m
+
+
+@dataclass(frozen=True)
+class _Bracketed:
+    """What a count over a bracket `[lo, hi]` found: how many values lie below and inside it (over all ranks), and
+    the k-th smallest of all if it lay inside, else None."""
+
+    lo: float
+    hi: float
+    below: int
+    inside: int
+    value: float | None
+
+
+def _select_in_bracket(
+    values: Sequence[Tensor],
+    scales: Sequence[float],
+    k: int,
+    bracket: tuple[float, float],
+    expected: float,
+    group: Group,
+    absolute: bool,
+) -> _Bracketed:
+    """Count the flat `values` (their magnitudes, with `absolute`) below `bracket` and select the k-th smallest of all
+    among those inside, about an `expected` fraction of them. Raises `_NonFiniteMagnitudes` if the magnitudes hold
+    NaN or inf."""
+    lo, hi = bracket
     below, inside, inside_scales, non_finite = 0, [], [], 0
     for v, s in _counting_passes(values, scales):
         # Room is address space, not memory, until written: room for four times a layer's share of the bracket
         # (it holds more only by chance or by scale) makes a second pass rare.
-        room = min(v.numel(), 4 * (hi_rank - lo_rank) * v.numel() // m + 1024)
+        room = min(v.numel(), math.ceil(4 * expected * v.numel()) + 1024)
         n_below, v_inside, v_non_finite = _count_below_and_select(v, lo / s, hi / s, room, absolute)
         below, non_finite = below + n_below, non_finite + v_non_finite
         inside.append(v_inside)
@@ -330,17 +465,8 @@ def _kth_smallest_bracketed(
     n_below, n_inside, n_non_finite = all_sum(counts, group).tolist()
     if n_non_finite:
         raise _NonFiniteMagnitudes
-    if n_below < k <= n_below + n_inside:
-        return _kth_smallest(inside, inside_scales, k - n_below, group)
-    values = _magnitudes(values) if absolute else values
-    if group is None:
-        return _kth_smallest(values, scales, k, group)
-    # Sharded, the bracket missed (as rarely as above): select again among the values on the side of the
-    # bracket that holds the k-th, which each rank filters from its shards; never a gather of all values.
-    if k <= n_below:
-        return _kth_smallest_bracketed([v[v < lo / s] for v, s in zip(values, scales, strict=True)], scales, k, group)
-    above = [v[v > hi / s] for v, s in zip(values, scales, strict=True)]
-    return _kth_smallest_bracketed(above, scales, k - n_below - n_inside, group)
+    value = _kth_smallest(inside, inside_scales, k - n_below, group) if n_below < k <= n_below + n_inside else None
+    return _Bracketed(lo, hi, n_below, n_inside, value)
 
 
 def _counting_passes(values: Sequence[Tensor], scales: Sequence[float]) -> Iterator[tuple[Tensor, float]]:

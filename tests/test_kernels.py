@@ -238,6 +238,31 @@ def test_loops_split_among_threads_give_the_same_bits_as_one_thread(threads) -> 
     torch.testing.assert_close(results[0][1], -(grad * weight.sign())[weight.abs() > 0.7].sum(), rtol=1e-5, atol=0)
 
 
+@pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text(), reason="needs an x86 CPU with AVX2 on Linux")
+def test_every_instruction_set_gives_the_same_bits(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # The vector paths (AVX-512 where the CPU has it, AVX2) and the plain C one sum in the same lanes and order.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    base = [flag for flag in kernels._flag_sets()[0] if not flag.startswith("-march")]
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(300, 1001, generator=generator)  # rows that are no whole number of vectors
+    grad = torch.randn_like(weight)
+    results = []
+    for isa in ("-march=native", "-march=haswell", "-mno-avx"):
+        monkeypatch.setattr(kernels, "_flag_sets", lambda isa=isa: [(*base, isa)])
+        monkeypatch.setattr(kernels, "_loaded", {"library": kernels._build()})
+        kept, effective, shrunk = grad.clone(), torch.empty_like(weight), torch.empty_like(weight)
+        scale = torch.ones(300, 1)
+        d_threshold = kernels.soft_threshold_backward_(kept, weight, torch.tensor(0.7))
+        assert kernels.st3_apply(weight, effective, scale, 0.7, rescale=True, epsilon=1e-6)
+        assert kernels.soft_threshold_into(weight, shrunk, 0.7)
+        selected = kernels.count_below_and_select(weight.flatten(), 0.1, 0.2, expected=100_000, absolute=True)
+        assert d_threshold is not None and selected is not None
+        results.append((kept, d_threshold, effective, scale, shrunk, *selected))
+    for other in results[1:]:
+        for one, same in zip(results[0], other, strict=True):
+            assert torch.equal(torch.as_tensor(one), torch.as_tensor(same))
+
+
 # ------------------------------------------------------------------ in a Trainer
 
 

@@ -5,6 +5,7 @@ import torch
 
 from lightning_sparse import kernels, thresholds
 from lightning_sparse.thresholds import (
+    WarmBracket,
     floored_magnitude_thresholds,
     global_magnitude_threshold,
     kth_smallest,
@@ -81,6 +82,73 @@ def test_layers_no_fused_loop_serves_are_counted_in_groups_and_the_threshold_sta
         k = round(sparsity * everything.numel())
         tau = global_magnitude_threshold(values, sparsity, scales)
         assert tau == everything.kthvalue(k).values.item()
+
+
+def _drifting_weights(steps: int, generator: torch.Generator) -> list[list[torch.Tensor]]:
+    """Three layers over the bracketed selection's size (bf16 among them, which the eager pass counts), and their
+    values after each of `steps` small random steps, as an optimizer's."""
+    weights = [torch.randn(200_003, generator=generator), torch.randn(96, 700, generator=generator) * 0.3]
+    weights.append(torch.randn(5_000, generator=generator).bfloat16())
+    history = []
+    for _ in range(steps):
+        weights = [w + (1e-3 * torch.randn(w.shape, generator=generator)).to(w.dtype) for w in weights]
+        history.append(weights)
+    return history
+
+
+@pytest.mark.parametrize("loops", [True, False], ids=["fused loops", "eager"])
+def test_a_warm_bracket_follows_drifting_weights_and_gives_the_exact_threshold_without_a_sample(
+    loops: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not loops:
+        monkeypatch.setattr(kernels, "_loaded", {"library": None})
+    warm, generator = WarmBracket(), torch.Generator().manual_seed(4)
+    scales = [1.0, 2.0, 0.5]
+    # A ramp in steps as large as a cubic schedule to 0.9 over 1,000 steps makes at its steepest, then the target held.
+    sparsities = [0.5 + 0.003 * step for step in range(10)] + [0.53] * 10
+    for step, (weights, sparsity) in enumerate(zip(_drifting_weights(20, generator), sparsities, strict=True)):
+        everything = torch.cat([w.abs().float().flatten() * s for w, s in zip(weights, scales, strict=True)])
+        k = round(sparsity * everything.numel())
+        guess = warm.bracket(everything.numel(), k)
+        tau = global_magnitude_threshold(weights, sparsity, scales, warm=warm)
+        assert tau == everything.kthvalue(k).values.item()
+        if step >= 2:  # the first takes the sample, the second the first prediction's (shorter) memory
+            assert guess is not None
+            lo, hi, fraction = guess
+            # Held, in a bracket narrower than the sample's would be (which is then not taken).
+            sampled = 2 * thresholds._sample_margin(k / everything.numel(), thresholds._SAMPLE_SIZE)
+            assert lo < tau <= hi and fraction < sampled
+            assert int(((everything >= lo) & (everything <= hi)).sum()) < sampled * everything.numel()
+
+
+def test_a_warm_bracket_that_misses_falls_back_to_the_sample_and_widens() -> None:
+    warm, generator = WarmBracket(), torch.Generator().manual_seed(5)
+    history = _drifting_weights(4, generator)
+    for weights in history[:3]:
+        global_magnitude_threshold(weights, 0.8, warm=warm)
+    jumped = [(w.float() * 1.5).to(w.dtype) for w in history[3]]  # far outside what the drift predicts
+    everything = torch.cat([w.abs().float().flatten() for w in jumped])
+    k = round(0.8 * everything.numel())
+    lo, hi, _ = warm.bracket(everything.numel(), k)
+    tau = global_magnitude_threshold(jumped, 0.8, warm=warm)
+    assert not lo < tau <= hi and tau == everything.kthvalue(k).values.item()
+    # The miss is remembered as the last error: the next bracket holds the same jump again.
+    lo, hi, _ = warm.bracket(everything.numel(), k)
+    assert abs(warm.error) >= abs(tau / 1.5 * 0.5) * 0.9 and lo < tau * 1.5 <= hi
+
+
+def test_a_warm_bracket_forgets_other_values_and_keeps_floored_selections_exact() -> None:
+    warm, generator = WarmBracket(), torch.Generator().manual_seed(6)
+    weights = _drifting_weights(1, generator)[0]
+    global_magnitude_threshold(weights, 0.8, warm=warm)
+    assert warm.bracket(sum(w.numel() for w in weights), 1) is not None
+    assert warm.bracket(sum(w.numel() for w in weights[:2]), 1) is None  # not the values it saw
+    # With floors, only the first round's selection (over every layer) is warm; the others are exact anyway.
+    small = weights[2].float() / 100
+    for _ in range(2):
+        tau, per_layer = floored_magnitude_thresholds([*weights[:2], small], 0.9, [0, 0, 1_000], warm=warm)
+        cold_tau, cold_per_layer = floored_magnitude_thresholds([*weights[:2], small], 0.9, [0, 0, 1_000])
+        assert (tau, per_layer) == (cold_tau, cold_per_layer) and per_layer[2] < tau
 
 
 def test_zero_sparsity_prunes_nothing_and_bad_sparsity_raises():

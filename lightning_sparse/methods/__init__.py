@@ -39,7 +39,7 @@ min_density=0.0)
     if not isinstance(name, str) or name not in METHODS:
         raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))} or a method object, got {name!r}")
     cls, fixed = METHODS[name]
-    own = [f.name for f in dataclasses.fields(cls) if f.name not in fixed]  # type: ignore[arg-type]
+    own = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in fixed]  # type: ignore[arg-type]
     given = {key: value for key, value in settings.items() if value is not None}
     foreign = [key for key in given if key not in own]
     if foreign:

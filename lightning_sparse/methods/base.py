@@ -311,7 +311,7 @@ class SparsityMethod(ABC):
         return {}
 
     def settings(self) -> dict[str, Any]:
-        """The method and its settings as plain Python values: what a checkpoint records.
+        """The method and its settings (its `__init__` arguments) as plain Python values: what a checkpoint records.
 
         Example:
             >>> from lightning_sparse.methods import STR
@@ -320,7 +320,7 @@ class SparsityMethod(ABC):
             ('str', -5.0, None)
         """
         fields = dataclasses.fields(self)  # type: ignore[arg-type]
-        return {"method": self.name, **{f.name: _plain(getattr(self, f.name)) for f in fields}}
+        return {"method": self.name, **{f.name: _plain(getattr(self, f.name)) for f in fields if f.init}}
 
     def default_settings(self) -> dict[str, Any]:
         """Each setting's default, as `settings()` records it: what a run saved before the setting existed used.

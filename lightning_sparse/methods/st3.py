@@ -35,7 +35,12 @@ from lightning_sparse.schedules import (
     to_step,
 )
 from lightning_sparse.sharding import full_like, is_sharded, local_shard, shard_group, shard_like
-from lightning_sparse.thresholds import NonFiniteWeightsError, floored_magnitude_thresholds, min_kept_per_layer
+from lightning_sparse.thresholds import (
+    NonFiniteWeightsError,
+    WarmBracket,
+    floored_magnitude_thresholds,
+    min_kept_per_layer,
+)
 
 __all__ = [
     "ST3",
@@ -341,6 +346,7 @@ def update_thresholds(
     sigma: bool = False,
     names: Sequence[str] | None = None,
     min_density: float = 0.0,
+    warm: WarmBracket | None = None,
 ) -> float:
     """Set every layer's threshold from one global magnitude quantile at `sparsity`.
 
@@ -349,7 +355,8 @@ def update_thresholds(
     `min_density`, every layer keeps at least `ceil(min_density * its size)` weights (its largest), the
     global count of zeros staying `round(sparsity * n)`: see `floored_magnitude_thresholds`.
     Returns the global threshold (in normalised units under `sigma`), which layers held at their
-    minimum undercut.
+    minimum undercut. `warm`, kept from one step's update to the next, brackets the selection from the last one
+    (`lightning_sparse.thresholds.WarmBracket`): the same thresholds, without a sample.
 
     Raises `NonFiniteWeightsError` naming the layers (by `names`, else by position) whose weights hold
     NaN or inf, before any layer changes: a NaN is neither pruned nor kept.
@@ -372,7 +379,7 @@ def update_thresholds(
     check_min_density(sizes, sparsity, min_density)
     floors = min_kept_per_layer(sizes, min_density)
     # Raises on NaN or inf before returning, from the counts of its own pass over the weights.
-    tau, thresholds = floored_magnitude_thresholds(shards, sparsity, floors, scales, group, names)
+    tau, thresholds = floored_magnitude_thresholds(shards, sparsity, floors, scales, group, names, warm)
     for layer, weight, threshold, scale in zip(layers, weights, thresholds, scales, strict=True):
         layer.set_threshold(weight, threshold, scale)
     return tau
@@ -451,6 +458,10 @@ class ST3(SparsityMethod):
     rescale: bool = True
     sigma: bool = False
     min_density: float = 0.0
+    # Where the last update's selection found the threshold, for the next one to start from: a cache that gives the
+    # same thresholds as none (see `WarmBracket`), so not a setting (not an `__init__` argument); each resolved
+    # method, one per fit, starts its own.
+    _warm: WarmBracket = dataclasses.field(default_factory=WarmBracket, init=False, repr=False, compare=False)
 
     parametrization_class = StraightThroughSoftThreshold
     reparameterization_settings = frozenset({"rescale"})
@@ -520,7 +531,7 @@ class ST3(SparsityMethod):
         try:
             update_thresholds(
                 parametrizations, [w.raw for w in mine.values()], self._schedule().sparsity_at(step), self.sigma,
-                names=list(mine), min_density=self.min_density,
+                names=list(mine), min_density=self.min_density, warm=self._warm,
             )  # fmt: skip
         except NonFiniteWeightsError as error:
             raise NonFiniteWeightsError(error.layers, step) from None
