@@ -9,8 +9,8 @@ writes in one pass) with non-temporal stores, which skip reading each line befor
 source, compiled once per machine with the system's C compiler (`CC`, else `cc`) into the user's cache directory and
 loaded with `ctypes`: no torch headers, so the first use costs well under a second and the process no memory. Large
 tensors are split among torch's threads (`torch.get_num_threads()`), on torch's own OpenMP runtime where it has
-GNU's (its Linux builds), and on one thread elsewhere; a thread count never changes a bit of a result: sums run in
-blocks sized by the tensor alone.
+GNU's (its Linux builds), and on one thread elsewhere; neither a thread count nor the CPU's vector instructions
+(AVX-512, AVX2 or none) change a bit of a result: sums run in blocks sized by the tensor alone, in the same lanes.
 
 Each function serves contiguous float32 CPU tensors of at least `MIN_ELEMENTS` entries that autograd does not
 track, outside `torch.compile`, and returns None (or False) anywhere else: the caller then runs its eager form,
@@ -329,9 +329,11 @@ static inline void abs_sums(const float *restrict w, int64_t cols, float shrink,
     _mm256_storeu_ps(over + 8, high_kept);
 #endif
 #else
-    for (; c + 16 <= cols; c += 16)
+    /* One sum per loop, each of which the compiler vectorises. */
+    int64_t whole = cols / 16 * 16;
+    for (c = 0; c < whole; c += 16)
         for (int j = 0; j < 16; j++) all[j] += fabsf(w[c + j]);
-    for (c = 0; c + 16 <= cols; c += 16)
+    for (c = 0; c < whole; c += 16)
         for (int j = 0; j < 16; j++) {
             float a = fabsf(w[c + j]);
             over[j] += a > shrink ? a : 0.0f;

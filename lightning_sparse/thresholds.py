@@ -18,6 +18,11 @@ Small inputs are selected directly. Above 2 x 2^16 elements:
    magnitudes, which have no rank: a magnitude selection raises `NonFiniteWeightsError` on them, with no pass
    of its own (STR's keys, not magnitudes, may be infinite).
 
+A selection made again and again over the same values (ST-3's, after every optimizer step) can be given a
+`WarmBracket`: steps 1 and 2 then give way to a bracket centred where the last selection's value, the change of `k`
+and the values' drift put it, which holds a few thousand values instead of about 1 % of them; the sample's bracket
+serves the first selection and any that the warm one misses.
+
 Magnitude thresholds take `|w|` as each step reads the weights: above 2 x 2^16 elements only the sample's and
 the bracket's magnitudes are ever materialised (all of them only when the bracket missed). The order statistics
 of steps 2 and 3 come from a fused quickselect where it serves, else `kthvalue` (a sort on a GPU): the same value
