@@ -178,9 +178,9 @@ def variant_callbacks(name: str, model: pl.LightningModule, steps: int, epoch_ba
     if name == "dense":
         return []
     if name == "st3":
-        # At the target from the first step: what every step after `end` does, and within a few hundred weights of
-        # what a ramp's step does in a run of thousands of steps. A ramp over this run's few steps would move the
-        # target by several percent of the weights per step, as no real run does (see NOTES).
+        # At the target from the first step: what every step after `end` does, and close to what a ramp's step does
+        # in a run of thousands of steps. A ramp over this run's few steps would move the target by up to a tenth of
+        # the weights per step, as no real run does (see NOTES).
         return [SparsityCallback("st3", SPARSITY, schedule="constant", start=0)]
     if name == "str":
         return [SparsityCallback("str", s_init=-5.0, threshold_decay=5e-3)]
@@ -780,11 +780,11 @@ Notes:
   that counts the magnitudes below the bracket (and the NaN or infinite ones) and copies out those inside it
   (taking |w| as it reads: no magnitude tensor), the exact selection among those (a fused quickselect), and one
   fused pass per layer for the channel sums, rescale and new effective weight (`lightning_sparse.kernels`: C
-  loops built
-  once per machine, which split large weights among torch's threads on torch's own OpenMP team: threads of
-  their own measured no faster, as torch's workers spin on the other core after each of its parallel ops). The
-  fused loops are not torch ops: the profile table shows only what stays eager. The passes that write an
-  effective weight larger than the caches write it with non-temporal stores, which skip reading each line first.
+  loops built once per machine, which split large weights among torch's threads on torch's own OpenMP team:
+  threads of their own measured no faster, as torch's workers spin on the other core after each of its parallel
+  ops). The fused loops are not torch ops: the profile table shows only what stays eager. The passes that write
+  an effective weight larger than the caches write it with non-temporal stores, which skip reading each line
+  first.
 - ST-3 holds its target from the first step. A cubic ramp over this run's 26 steps would move the target by up
   to a tenth of the weights per step, where a real run's ramp moves it by a few thousand weights per step
   (ResNet-18 to 90 % over 45 % of a 4,000-step run: under 17,000 at its steepest) and a step after `end` by none:

@@ -150,7 +150,7 @@ class WarmBracket:
         centre = self._centre(total, k)
         if centre is not None:
             self.error = found.value - centre
-            self.drift = found.value - self.value - (k - self.k) / self.density
+            self.drift += self.error  # the move beyond the change of `k`: the drift predicted and what it missed
         else:
             self.error = self.drift = 0.0
         width = found.hi - found.lo

@@ -112,7 +112,7 @@ def test_a_warm_bracket_follows_drifting_weights_and_gives_the_exact_threshold_w
         guess = warm.bracket(everything.numel(), k)
         tau = global_magnitude_threshold(weights, sparsity, scales, warm=warm)
         assert tau == everything.kthvalue(k).values.item()
-        if step >= 2:  # the first takes the sample, the second the first prediction's (shorter) memory
+        if step >= 2:  # the first has nothing to start from, the second's bracket no error to widen by yet
             assert guess is not None
             lo, hi, fraction = guess
             # Held, in a bracket narrower than the sample's would be (which is then not taken).
