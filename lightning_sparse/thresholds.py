@@ -112,11 +112,12 @@ class WarmBracket:
     Between two steps the k-th smallest magnitude moves by what the schedule adds to `k`, at the density of the
     magnitudes around it, and by the weights' drift, which changes slowly from step to step. The next bracket is
     centred where both put it; its half-width is four times the last prediction's error, a quarter of the
-    schedule's move and room for about `_WARM_ROOM` values. It holds a few percent of what the sample's 5-sigma
-    bracket does, so the selection inside it costs little, and the sample (a strided read of every layer, and two
-    selections) is not taken at all. A miss costs one more counting pass, then the sample's bracket serves, and
-    the miss widens the next one. Any bracket gives the same threshold: this is a cache, not training state, so
-    it is not saved, and DDP ranks, which select the same values, keep the same one.
+    schedule's move and room for about `_WARM_ROOM` values: a few thousand values where the sample's 5-sigma
+    bracket holds about 1 % of all (on ResNet-18, 4-5 thousand against 130 thousand), so the selection inside it
+    costs little, and the sample (a strided read of every layer, and two selections) is not taken at all. A miss
+    costs one more counting pass, then the sample's bracket serves, and the miss widens the next one. Any bracket
+    gives the same threshold: this is a cache, not training state, so it is not saved, and DDP ranks, which select
+    the same values, keep the same one.
 
     Example:
         >>> warm, weights = WarmBracket(), [torch.linspace(-1.0, 1.0, 300_001)]
