@@ -658,7 +658,7 @@ def section(tables: dict[str, list[dict[str, Any]]], profile: Sequence[dict[str,
         "the OS, zeroed on first touch), in MiB, median of the runs' medians, and their range. "
         f"{memory_name(gpu)} growth = {memory}, median over rounds; growth by training's end = "
         "the same at `on_train_end`, before any callback's end-of-fit work (SparsityCallback's report, its plot and "
-        "hardening). Target sparsity 90 %; ST-3 holds it from the first step (`schedule=\"constant\"`: every step "
+        'hardening). Target sparsity 90 %; ST-3 holds it from the first step (`schedule="constant"`: every step '
         "recomputes its threshold, as it does after `end`), ModelPruning's cubic schedule spans the whole run. STR: "
         "s_init -5, threshold_decay 5e-3.",
         "",
@@ -784,21 +784,23 @@ Notes:
   threads of their own measured no faster, as torch's workers spin on the other core after each of its parallel
   ops). The fused loops are not torch ops: the profile table shows only what stays eager. The passes that write
   an effective weight larger than the caches write it with non-temporal stores, which skip reading each line
-  first.
+  first, and the passes that read a weight from memory prefetch ahead of where they read.
 - ST-3 holds its target from the first step. A cubic ramp over this run's 26 steps would move the target by up
   to a tenth of the weights per step, where a real run's ramp moves it by a few thousand weights per step
   (ResNet-18 to 90 % over 45 % of a 4,000-step run: under 17,000 at its steepest) and a step after `end` by none:
   the warm bracket then cannot predict the threshold, and each update takes the sample's bracket, about 1.3 ms
   more at one thread (measured in one process, ResNet-18's weights).
 - STR's forward also serves one effective weight per change of the raw weight or of `s` (once per
-  optimizer step), computed by a fused pass into the memory of the last one. Its
-  backward is one fused pass that writes the kept gradient over the incoming one (where nothing else
-  holds that, as in a plain step), which autograd then takes over as `.grad`: no new gradient tensor,
-  whose fresh memory cost page faults at every step. Both passes are in the "rest of step" column.
+  optimizer step), computed by a fused pass into the memory of the last one, which also writes which weights
+  it kept and their signs (two bits per weight). Its backward is one fused pass that reads those, not the
+  weight, and writes the kept gradient over the incoming one (where nothing else holds that, as in a plain
+  step), which autograd then takes over as `.grad`: no new gradient tensor, whose fresh memory cost page
+  faults at every step. Both passes are in the "rest of step" column.
 - ModelPruning prunes only at epoch ends (here every `--epoch-batches` steps); between prunes a forward
   pre-hook multiplies `weight_orig` by a float mask. Its memory holds `weight_orig`, the float mask and
   the masked weight for every pruned layer.
-- ST-3 and STR memory: the effective weights (4 bytes per weight, kept between steps). ST-3's keep mask is
+- ST-3 and STR memory: the effective weights (4 bytes per weight, kept between steps), and STR's signs (a
+  quarter byte per weight, 2.7 MiB here). ST-3's keep mask is
   derived from the weight and its threshold where it is read, not stored, until frozen. The end of the fit adds
   SparsityCallback's report (its budget plot, drawn with matplotlib) and hardening: the last column leaves them
   out.

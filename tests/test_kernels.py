@@ -28,19 +28,22 @@ def eager_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_loops_serve_only_large_contiguous_float32_cpu_tensors_outside_autograd():
     x = torch.linspace(-1, 1, LARGE)
-    g = torch.tensor(0.5)
+    signs = kernels.signs_for(x)
     tracked = x.clone().requires_grad_()
-    assert kernels.soft_threshold_backward_(tracked, x, g) is None  # the result would not be differentiable
+    assert not kernels.soft_threshold_into(tracked, torch.empty_like(x), 0.5, signs)  # would not be differentiable
+    assert not kernels.soft_threshold_into(x, torch.empty_like(x), 0.5, signs[1:])  # signs of another size
+    assert kernels.soft_threshold_into(x, torch.empty_like(x), 0.5, signs)
+    assert kernels.soft_threshold_backward_(tracked, signs) is None
     with torch.no_grad():
-        assert kernels.soft_threshold_backward_(tracked, x, g) is not None
+        assert kernels.soft_threshold_backward_(tracked, signs) is not None
         grad = torch.ones_like(x)
         small = grad[: kernels.MIN_ELEMENTS - 1]
-        assert kernels.soft_threshold_backward_(small, x[: kernels.MIN_ELEMENTS - 1], g) is None
-        assert kernels.soft_threshold_backward_(grad.double(), x.double(), g.double()) is None
-        assert kernels.soft_threshold_backward_(grad[::2], x[::2], g) is None
-        assert kernels.soft_threshold_backward_(x, x, g) is None  # written in place, it would change the weight
+        assert kernels.soft_threshold_backward_(small, signs[: len(small) // 16 + 1]) is None
+        assert kernels.soft_threshold_backward_(grad.double(), signs) is None
+        assert kernels.soft_threshold_backward_(grad[::2], signs[: len(grad[::2]) // 16 + 1]) is None
+        assert kernels.soft_threshold_backward_(grad, signs.long()) is None
         assert torch.equal(grad, torch.ones_like(x))  # nothing written where the loop does not serve
-        assert kernels.soft_threshold_backward_(grad, x, g) is not None
+        assert kernels.soft_threshold_backward_(grad, signs) is not None
 
 
 @pytest.mark.parametrize(
@@ -195,10 +198,17 @@ def test_fused_st3_update_sets_the_eager_mask_rescale_and_effective_weight(
 @pytest.mark.parametrize("shape", [(kernels.MIN_ELEMENTS + 3,), (300, 1001)], ids=["small", "streamed"])
 def test_fused_soft_threshold_gives_torchs_softshrink(shape: tuple[int, ...]) -> None:
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(4))
-    out = torch.empty_like(weight)
-    assert kernels.soft_threshold_into(weight, out, 0.6)
+    out, signs = torch.empty_like(weight), kernels.signs_for(weight)
+    weight.view(-1)[:2] = torch.tensor([0.6, -0.6])  # ties are pruned
+    assert kernels.soft_threshold_into(weight, out, 0.6, signs)
     # The same bits, but for the sign of a pruned negative's zero (+0 here, sometimes -0 in torch's kernel).
     assert torch.equal(out.view(torch.int32), (nn.functional.softshrink(weight, 0.6) + 0.0).view(torch.int32))
+    # Bit j of a block's word: entry j kept; bit 16 + j: kept and negative.
+    flat, lane = weight.flatten(), torch.arange(weight.numel()) % 16
+    words = signs.repeat_interleave(16)[: weight.numel()]
+    kept = flat.abs() > 0.6
+    assert torch.equal(words >> lane & 1, kept.int())
+    assert torch.equal(words >> (lane + 16) & 1, (kept & (flat < 0)).int())
 
 
 HUGE = (1 << 20) + 5  # split among threads (from 2**18 entries)
@@ -223,17 +233,17 @@ def test_loops_split_among_threads_give_the_same_bits_as_one_thread(threads) -> 
     for count in (1, 2, 3):
         threads(count)
         kept, effective, scale = grad.clone(), torch.empty_like(weight), torch.ones(1024, 1)
-        shrunk = torch.empty_like(weight)
-        d_threshold = kernels.soft_threshold_backward_(kept, weight, torch.tensor(0.7))
+        shrunk, signs = torch.empty_like(weight), kernels.signs_for(weight)
+        assert kernels.soft_threshold_into(weight, shrunk, 0.7, signs)
+        d_threshold = kernels.soft_threshold_backward_(kept, signs)
         assert kernels.st3_apply(weight, effective, scale, 0.7, rescale=True, epsilon=1e-6)
-        assert kernels.soft_threshold_into(weight, shrunk, 0.7)
         selected = kernels.count_below_and_select(values, 0.5, 0.5, expected=10)
         assert d_threshold is not None and selected is not None
-        results.append((kept, d_threshold, effective, scale, shrunk, *selected[:2]))
+        results.append((kept, d_threshold, effective, scale, shrunk, signs, *selected[:2]))
     for split in results[1:]:
         for one, many in zip(results[0], split, strict=True):
             assert torch.equal(torch.as_tensor(one), torch.as_tensor(many))
-    below, inside = results[1][5:]
+    below, inside = results[1][6:]
     assert below == int((values < 0.5).sum()) and inside.numel() == int((values == 0.5).sum()) >= 1000
     torch.testing.assert_close(results[0][1], -(grad * weight.sign())[weight.abs() > 0.7].sum(), rtol=1e-5, atol=0)
 
@@ -251,13 +261,13 @@ def test_every_instruction_set_gives_the_same_bits(monkeypatch: pytest.MonkeyPat
         monkeypatch.setattr(kernels, "_flag_sets", lambda isa=isa: [(*base, isa)])
         monkeypatch.setattr(kernels, "_loaded", {"library": kernels._build()})
         kept, effective, shrunk = grad.clone(), torch.empty_like(weight), torch.empty_like(weight)
-        scale = torch.ones(300, 1)
-        d_threshold = kernels.soft_threshold_backward_(kept, weight, torch.tensor(0.7))
+        scale, signs = torch.ones(300, 1), kernels.signs_for(weight)
+        assert kernels.soft_threshold_into(weight, shrunk, 0.7, signs)
+        d_threshold = kernels.soft_threshold_backward_(kept, signs)
         assert kernels.st3_apply(weight, effective, scale, 0.7, rescale=True, epsilon=1e-6)
-        assert kernels.soft_threshold_into(weight, shrunk, 0.7)
         selected = kernels.count_below_and_select(weight.flatten(), 0.1, 0.2, expected=100_000, absolute=True)
         assert d_threshold is not None and selected is not None
-        results.append((kept, d_threshold, effective, scale, shrunk, *selected))
+        results.append((kept, d_threshold, effective, scale, shrunk, signs, *selected))
     for other in results[1:]:
         for one, same in zip(results[0], other, strict=True):
             assert torch.equal(torch.as_tensor(one), torch.as_tensor(same))

@@ -95,6 +95,29 @@ def test_forwards_between_two_steps_share_one_effective_weight_and_the_next_take
     assert layer.weight.data_ptr() != held.data_ptr() and torch.equal(held, before)
 
 
+def test_a_graph_not_yet_backpropagated_keeps_the_signs_of_its_own_forward() -> None:
+    layer, str_, raw = _linear_with_str()
+    x = torch.randn(4, 128)
+    first = layer(x)
+    signs = str_._signs
+    layer(x).sum().backward()  # a second forward before any step (accumulation) shares them
+    assert signs is not None and str_._signs is signs
+    with torch.no_grad():
+        kept = raw.abs() > str_.threshold()
+        str_.s.add_(1.0)  # a target's calibration moves the threshold; `first` is still to be backpropagated
+    layer(x).sum().backward()
+    assert str_._signs is not None and str_._signs.data_ptr() != signs.data_ptr()
+    raw.grad = None
+    first.sum().backward()
+    assert torch.equal(raw.grad, torch.ones(4, 64).T @ x * kept)
+    # Once no graph holds them, the next signs are written into their memory.
+    before = str_._signs.data_ptr()
+    with torch.no_grad():
+        str_.s.add_(1.0)
+    layer(x)
+    assert str_._signs.data_ptr() == before
+
+
 def test_the_backward_writes_its_gradient_over_only_where_nothing_else_holds_it(monkeypatch: pytest.MonkeyPatch):
     layer, str_, raw = _linear_with_str()
     _unshared_references.cache_clear()

@@ -19,8 +19,6 @@ from torch.nn import functional as F
 from torch.nn.utils.parametrize import ParametrizationList
 from torch.optim import Optimizer
 
-from lightning_sparse import kernels
-
 __all__ = [
     "EffectiveWeightCache",
     "SparseLayers",
@@ -42,8 +40,7 @@ def soft_threshold(weight: Tensor, threshold: Tensor, out: Tensor | None = None)
     if given (shaped like `weight`, of its dtype).
 
     A pruned negative weight may come out as -0.0 (torch's softshrink kernel) or +0.0 (the general form, and the fused
-    loop that writes a large float32 CPU weight's into `out`: `lightning_sparse.kernels`): equal, and counted, as zero
-    either way.
+    loop of STR's forward: `lightning_sparse.kernels.soft_threshold_into`): equal, and counted, as zero either way.
 
     Example:
         >>> soft_threshold(torch.tensor([0.5, 0.05, -0.3]), torch.tensor(0.1))
@@ -53,8 +50,6 @@ def soft_threshold(weight: Tensor, threshold: Tensor, out: Tensor | None = None)
     if number is not None:
         if out is None:
             return F.softshrink(weight, number)
-        if kernels.soft_threshold_into(weight, out, number):
-            return out
         return cast(Tensor, torch.ops.aten.softshrink.out(weight, number, out=out))
     # Two passes instead of four; a 0-dim threshold does not promote a bf16 weight.
     return torch.sub(weight, weight.clamp(-threshold, threshold), out=out)

@@ -90,34 +90,34 @@ class _SoftThreshold(torch.autograd.Function):
     Autograd's backward of a clamp with tensor bounds builds several masks and `where`s for each
     bound, about ten times the cost of the forward on ResNet-18's weights; the same gradients need
     the kept gradient (`kept_gradient`) and one dot product: one fused pass on a large float32 CPU
-    weight (`lightning_sparse.kernels`), four eager passes elsewhere. Taking the effective weight as an
-    input lets every forward between two optimizer steps reuse one (see `LearnedSoftThreshold.forward`).
+    weight (`lightning_sparse.kernels`), which reads the forward's `signs` (two bits per weight) rather than
+    the weight itself, and four eager passes elsewhere. Taking the effective weight as an input lets every forward
+    between two optimizer steps reuse one (see `LearnedSoftThreshold.forward`).
     `ctx` comes to `forward`, as in ST-3's `_StraightThrough`: a `setup_context` costs an `inspect` binding per call.
     """
 
     @staticmethod
     @override
-    def forward(ctx: Any, weight: Tensor, g: Tensor, effective: Tensor) -> Tensor:
-        ctx.save_for_backward(weight, g)
+    def forward(ctx: Any, weight: Tensor, g: Tensor, effective: Tensor, signs: Tensor | None) -> Tensor:
+        ctx.save_for_backward(weight, g, signs)
         return effective.view_as(effective)
 
     @staticmethod
     @override
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        weight, g = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None, None]:
+        weight, g, signs = ctx.saved_tensors
         # Survivors (|w| > g) pass the gradient through unchanged and give g a gradient of -sign(w);
         # the others give nothing to either, ties included as relu'(0) = 0 (torch's clamp would
         # split the gradient at a tie, which bf16 weights often hit).
         # The incoming gradient is written over when nothing else holds it, as autograd takes such a gradient over
         # as `.grad`: a new one would be new memory, paid for in page faults at every step. Held elsewhere (a
         # gradient passed to `backward(gradient)`, one a tensor hook kept), it is not.
-        compiling = torch.compiler.is_compiling()
-        if not compiling and tensor_owners(grad) == 1 and sys.getrefcount(grad) <= _unshared_references():
-            d_g = kernels.soft_threshold_backward_(grad, weight.detach(), g.detach())
+        if signs is not None and tensor_owners(grad) == 1 and sys.getrefcount(grad) <= _unshared_references():
+            d_g = kernels.soft_threshold_backward_(grad, signs)
             if d_g is not None:
-                return grad, d_g, None
+                return grad, d_g, None, None
         kept = kept_gradient(grad, weight, g)
-        return kept, -torch.dot(kept.flatten(), weight.sign().flatten()), None
+        return kept, -torch.dot(kept.flatten(), weight.sign().flatten()), None, None
 
 
 class _ReferenceProbe(torch.autograd.Function):
@@ -169,6 +169,7 @@ class LearnedSoftThreshold(SparseParametrization):
         self.s = torch.nn.Parameter(torch.tensor(float(s_init), dtype=torch.float32, device=device))
         self.sharded = sharded
         self._effective = EffectiveWeightCache()
+        self._signs: Tensor | None = None  # those of the cached effective weight, where the fused loop made it
 
     @override
     def _apply(self, fn: Any, recurse: bool = True) -> Self:
@@ -188,21 +189,28 @@ class LearnedSoftThreshold(SparseParametrization):
     @override
     def forward(self, weight: Tensor) -> Tensor:
         g = self.threshold()
-        compiling = torch.compiler.is_compiling()
-        if not compiling:
-            _unshared_references()  # measured here, where no backward is running, for the backward to come
-        # Sharded (FSDP2), the forward gets the gathered weight, which FSDP2 frees after it: a kept effective weight
-        # would hold a full copy of it on every rank.
-        if compiling or self.sharded:
+        if torch.compiler.is_compiling():
             with torch.no_grad():
                 fresh = soft_threshold(weight.detach(), g.detach())
-            return cast(Tensor, _SoftThreshold.apply(weight, g, fresh))
+            return cast(Tensor, _SoftThreshold.apply(weight, g, fresh, None))
+        _unshared_references()  # measured here, where no backward is running, for the backward to come
+        # Sharded (FSDP2), the forward gets the gathered weight, which FSDP2 frees after it: a kept effective weight
+        # would hold a full copy of it on every rank.
+        if self.sharded:
+            with torch.no_grad():
+                fresh, signs = _shrink(weight.detach(), g.detach(), torch.empty_like(weight), None)
+            return cast(Tensor, _SoftThreshold.apply(weight, g, fresh, signs))
+
         # The weight and `s` change only at optimizer steps (and `s` at a target's calibration): one effective
-        # weight serves every forward in between, computed into the memory of the last one.
-        effective = self._effective.serve(
-            (weight, self.s), lambda: soft_threshold(weight.detach(), g.detach(), out=self._effective.workspace(weight))
-        )
-        return cast(Tensor, _SoftThreshold.apply(weight, g, effective))
+        # weight, and its signs, serve every forward in between, computed into the memory of the last ones.
+        def compute() -> Tensor:
+            stale, self._signs = self._signs, None
+            unheld = stale if stale is not None and tensor_owners(stale) == 1 else None  # no graph saved them
+            effective, self._signs = _shrink(weight.detach(), g.detach(), self._effective.workspace(weight), unheld)
+            return effective
+
+        effective = self._effective.serve((weight, self.s), compute)
+        return cast(Tensor, _SoftThreshold.apply(weight, g, effective, self._signs))
 
     @override
     def keep_mask(self, weight: Tensor) -> Tensor:
@@ -218,6 +226,18 @@ class LearnedSoftThreshold(SparseParametrization):
         # `assign`: keep the saved dtype (a bf16 threshold after `bf16-true`), to compute as training did.
         candidate.load_state_dict(state, assign=True)
         return candidate
+
+
+def _shrink(weight: Tensor, g: Tensor, out: Tensor, signs: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """`soft_threshold(weight, g)` into `out`, and where the fused loop serves, the signs its backward reads, into
+    `signs` if it fits (else new memory); None for them elsewhere."""
+    number = g.item() if kernels.serves(weight) else math.nan
+    if number >= 0.0:  # not NaN (a diverged `s`), which takes the general form, as in `soft_threshold`
+        if signs is None or signs.numel() != (weight.numel() + 15) // 16:
+            signs = kernels.signs_for(weight)
+        if kernels.soft_threshold_into(weight, out, number, signs):
+            return out, signs
+    return soft_threshold(weight, g, out=out), None
 
 
 @torch.no_grad()
