@@ -695,14 +695,22 @@ def select_ranks(values: Tensor, ranks: Sequence[int]) -> list[float] | None:
     return [by_rank[rank] for rank in ranks]
 
 
-def signs_for(weight: Tensor) -> Tensor:
-    """Memory for the signs of `weight` that `soft_threshold_into` writes: one int32 word per 16 entries.
+def signs_for(weight: Tensor, reuse: Tensor | None = None) -> Tensor:
+    """Memory for the signs of `weight` that `soft_threshold_into` writes, one int32 word per 16 entries: `reuse` if
+    it has the size, else new.
 
     Example:
-        >>> signs_for(torch.zeros(40, 3)).shape
-        torch.Size([8])
+        >>> signs = signs_for(torch.zeros(40, 3))
+        >>> signs.shape, signs_for(torch.ones(120), reuse=signs) is signs
+        (torch.Size([8]), True)
     """
-    return torch.empty((weight.numel() + 15) // 16, dtype=torch.int32, device=weight.device)
+    if reuse is not None and reuse.numel() == _words(weight):
+        return reuse
+    return torch.empty(_words(weight), dtype=torch.int32, device=weight.device)
+
+
+def _words(weight: Tensor) -> int:
+    return (weight.numel() + 15) // 16
 
 
 def _holds_signs(signs: Tensor, weight: Tensor) -> bool:
@@ -710,7 +718,7 @@ def _holds_signs(signs: Tensor, weight: Tensor) -> bool:
         signs.dtype == torch.int32
         and signs.device.type == "cpu"
         and signs.is_contiguous()
-        and signs.numel() == (weight.numel() + 15) // 16
+        and signs.numel() == _words(weight)
     )
 
 

@@ -233,8 +233,7 @@ def _shrink(weight: Tensor, g: Tensor, out: Tensor, signs: Tensor | None) -> tup
     `signs` if it fits (else new memory); None for them elsewhere."""
     number = g.item() if kernels.serves(weight) else math.nan
     if number >= 0.0:  # not NaN (a diverged `s`), which takes the general form, as in `soft_threshold`
-        if signs is None or signs.numel() != (weight.numel() + 15) // 16:
-            signs = kernels.signs_for(weight)
+        signs = kernels.signs_for(weight, reuse=signs)
         if kernels.soft_threshold_into(weight, out, number, signs):
             return out, signs
     return soft_threshold(weight, g, out=out), None
