@@ -458,9 +458,9 @@ static void shrink_with_signs(const float *restrict w, float *restrict e, int32_
     for (; c < n; c += 16) {
         uint32_t word = 0;
         for (int j = 0; j < 16 && c + j < n; j++) {
-            float x = w[c + j], kept = fabsf(x) - shrink;
-            uint32_t on = kept > 0.0f;
-            e[c + j] = on ? copysignf(kept, x) : 0.0f;
+            float x = w[c + j];
+            uint32_t on = fabsf(x) - shrink > 0.0f;
+            e[c + j] = shrunk(x, shrink, 1.0f);
             word |= on << j | (on & (x < 0.0f)) << (16 + j);
         }
         signs[c / 16] = (int32_t)word;
