@@ -145,6 +145,14 @@ def test_the_backward_writes_its_gradient_over_only_where_nothing_else_holds_it(
     assert torch.allclose(seen[0], torch.ones(4, 64).T @ x) and torch.allclose(raw.grad, expected)
     assert served == ["loop"]  # neither took the in-place loop
 
+    raw.grad = None
+    before = raw.detach().clone()
+    weight = layer.weight
+    weight.register_hook(lambda grad: raw.detach())  # a gradient in the weight's own memory
+    weight.sum().backward()
+    assert torch.equal(raw.detach(), before) and torch.equal(raw.grad, before * kept)
+    assert served == ["loop"]  # not written over: that would change the weight
+
 
 def test_str_keeps_bf16_and_keep_mask():
     weight = torch.tensor([0.5, -0.05], dtype=torch.bfloat16)

@@ -111,8 +111,10 @@ class _SoftThreshold(torch.autograd.Function):
         # split the gradient at a tie, which bf16 weights often hit).
         # The incoming gradient is written over when nothing else holds it, as autograd takes such a gradient over
         # as `.grad`: a new one would be new memory, paid for in page faults at every step. Held elsewhere (a
-        # gradient passed to `backward(gradient)`, one a tensor hook kept), it is not.
-        if signs is not None and tensor_owners(grad) == 1 and sys.getrefcount(grad) <= _unshared_references():
+        # gradient passed to `backward(gradient)`, one a tensor hook kept), it is not; nor is one in the weight's own
+        # memory (a hook may return a view of it), which writing would change.
+        unshared = tensor_owners(grad) == 1 and sys.getrefcount(grad) <= _unshared_references()
+        if signs is not None and unshared and grad.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
             d_g = kernels.soft_threshold_backward_(grad, signs)
             if d_g is not None:
                 return grad, d_g, None, None
